@@ -1,0 +1,1 @@
+"""Prefect flows chaining the stage tasks, and the `gstalker` CLI."""

@@ -1,0 +1,138 @@
+"""The `gstalker` command line.
+
+`ingest` runs one core stage in-process (no orchestrator needed); `train` runs the
+train-speaker flow locally (against the Prefect server in PREFECT_API_URL, or a temporary
+one). Errors meant for the user print as "error: ... / fix: ..." with exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from gstalker_core import __version__
+from gstalker_core.config import PipelineConfig, load_config
+from gstalker_core.errors import GstalkerError
+
+app = typer.Typer(help="gstalker: audio-driven 3D Gaussian talking heads.", pretty_exceptions_enable=False,
+                  no_args_is_help=True, add_completion=False)
+store_app = typer.Typer(help="Inspect the artifact store.", no_args_is_help=True)
+config_app = typer.Typer(help="Show the effective configuration.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+app.add_typer(config_app, name="config")
+console = Console(stderr=True)
+out = Console()
+
+ProfileOpt = typer.Option("preview", "--profile", "-p", help="tiny | preview | paper")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML file layered over the profile")
+SetOpt = typer.Option(None, "--set", "-s", help="override: section.field=value (repeatable)")
+StoreOpt = typer.Option(None, "--store", help="store URL: s3://bucket/prefix or a directory (= --set store.url=...)")
+
+
+def _config(profile: str, config_file: Optional[str], sets: Optional[list[str]], store: Optional[str]) -> PipelineConfig:
+    return load_config(profile, config_file, _overrides(sets, store))
+
+
+def _overrides(sets: Optional[list[str]], store: Optional[str]) -> list[str]:
+    return [*(sets or []), *([f"store.url={store}"] if store else [])]
+
+
+@contextmanager
+def _progress(label: str) -> Iterator:
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"gstalker {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version")):
+    pass
+
+
+@app.command()
+def ingest(video: str = typer.Argument(..., help="local path or s3:// URL of the speaker video"),
+           profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+           store: Optional[str] = StoreOpt) -> None:
+    """Probe, validate and crop a speaker video into the store (cached by content)."""
+    from gstalker_core import ingest as ingest_stage
+    from gstalker_core.storage import open_store
+
+    cfg = _config(profile, config, set_, store)
+    with _progress("ingest") as progress:
+        run = ingest_stage.run(open_store(cfg), video, cfg, progress=progress)
+    meta = run.manifest.meta
+    out.print(f"ingest {'cache hit' if run.cache_hit else 'done'}: stages/ingest/{run.manifest.key} in {cfg.store_url}")
+    out.print(f"  {meta['n_frames']} frames at {meta['fps']} fps, {meta['resolution']} px, crop {meta['crop']}, "
+              f"audio {meta['audio_duration_s']:.2f} s")
+    for warning in meta.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+@app.command()
+def train(video: str = typer.Argument(..., help="local path or s3:// URL of the speaker video"),
+          speaker: str = typer.Option(..., "--speaker", help="speaker name: lower-case letters, digits, - and _"),
+          profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+          store: Optional[str] = StoreOpt) -> None:
+    """Run the train-speaker flow locally for one video."""
+    from gstalker_core.naming import validate_speaker
+
+    validate_speaker(speaker)
+    _config(profile, config, set_, store)  # fail on bad config before starting Prefect
+    from flows.train_speaker import train_speaker
+
+    keys = train_speaker(video=video, speaker=speaker, profile=profile, overrides=_overrides(set_, store),
+                         config_file=config)
+    table = Table("stage", "content key", title=f"train-speaker {speaker}")
+    for stage, key in keys.items():
+        table.add_row(stage, key)
+    out.print(table)
+
+
+@store_app.command("ls")
+def store_ls(prefix: str = typer.Argument("", help="key prefix, e.g. stages/ingest/"),
+             profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+             store: Optional[str] = StoreOpt) -> None:
+    """List keys in the artifact store."""
+    from gstalker_core.storage import open_store
+
+    st = open_store(_config(profile, config, set_, store))
+    for key in st.list(prefix):
+        out.print(key, highlight=False)
+
+
+@config_app.command("show")
+def config_show(profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+                store: Optional[str] = StoreOpt) -> None:
+    """Print the effective configuration as YAML."""
+    import yaml
+
+    cfg = _config(profile, config, set_, store)
+    out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False)
+
+
+def main() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    try:
+        app()
+    except GstalkerError as e:
+        console.print(f"[bold red]error:[/] {e.problem}", highlight=False)
+        console.print(f"  [bold]fix:[/] {e.fix}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted: stages already published stay in the store; rerun to resume")
+        sys.exit(130)

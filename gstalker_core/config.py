@@ -1,0 +1,178 @@
+"""Pipeline configuration: pydantic models, profiles, and the layering rules.
+
+Precedence, lowest first: the profile's YAML (``gstalker_core/profiles/<name>.yaml``),
+a user YAML file, ``GSTALKER_<SECTION>__<FIELD>`` environment variables, CLI overrides
+``section.field=value``. Unknown fields are refused, so a typo never silently does nothing.
+
+Each stage hashes only its own section into its content key, so changing ``audio.n_mels``
+reruns the audio stage and what follows it, never ingest.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+ProfileName = Literal["tiny", "preview", "paper"]
+ENV_PREFIX = "GSTALKER_"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreConfig(Section):
+    """Where artifacts live. ``url``: ``s3://bucket/prefix`` or a local directory.
+
+    Credentials never appear here: boto3's standard chain (environment, profile, instance
+    role) supplies them.
+    """
+
+    url: str = Field(default="", description="empty = <home>/store (embedded local default)")
+    endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint, e.g. http://127.0.0.1:8333")
+    region: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    max_attempts: int = Field(default=5, ge=1, le=20, description="retries with backoff on transient errors")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    multipart_threshold_mb: int = Field(default=8, ge=5)
+    multipart_chunk_mb: int = Field(default=8, ge=5)
+
+
+class IngestConfig(Section):
+    """Decode, validate and crop the speaker video."""
+
+    resolution: int = Field(default=256, ge=32, le=1024, description="square crop side in pixels")
+    fps: Literal[25] = 25  # the field's protocol; audio steps are tied to it (2 per frame)
+    audio_sample_rate: Literal[16000] = 16000
+    min_duration_s: float = Field(default=10.0, ge=0.5)
+    max_duration_s: float = Field(default=1800.0, gt=0)
+    crop_scale: float = Field(default=2.6, ge=1.2, le=6.0, description="crop side / face box side")
+    crop_center_y: float = Field(default=0.25, ge=-1.0, le=1.0,
+                                 description="crop centre below the face centre, in face heights")
+    detect_width: int = Field(default=320, ge=96, le=1280, description="frame width for face detection")
+    detect_every: int = Field(default=5, ge=1, description="run face detection on every n-th frame")
+    max_missing_face_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
+    chunk_frames: int = Field(default=100, ge=1, description="frames per stored chunk")
+
+
+class AudioConfig(Section):
+    """Per-step audio features: 50 Hz, two steps per 25 fps video frame."""
+
+    kind: Literal["logmel", "mfcc"] = "logmel"
+    n_features: int = Field(default=80, ge=8, le=256, description="mel bands or MFCC coefficients")
+    n_fft: int = Field(default=800, ge=128)
+    fmin: float = Field(default=55.0, ge=0)
+    fmax: float = Field(default=7600.0, gt=0)
+    step_window: int = Field(default=16, ge=2, description="audio steps per frame window (even)")
+    frame_window: int = Field(default=8, ge=1, le=32, description="neighbouring frames for temporal smoothing")
+
+    @field_validator("step_window")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("must be even (a frame owns 2 audio steps)")
+        return v
+
+
+class PipelineConfig(Section):
+    profile: ProfileName = "preview"
+    home: str = Field(default="", description="empty = $GSTALKER_HOME or ~/.gstalker")
+    store: StoreConfig = StoreConfig()
+    ingest: IngestConfig = IngestConfig()
+    audio: AudioConfig = AudioConfig()
+
+    @property
+    def home_dir(self) -> Path:
+        return Path(self.home or os.environ.get("GSTALKER_HOME") or "~/.gstalker").expanduser()
+
+    @property
+    def cache_dir(self) -> Path:
+        """Local, disposable copies of stage outputs fetched from the store."""
+        return self.home_dir / "cache"
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url or str(self.home_dir / "store")
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        tree = tree.setdefault(p, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config override {dotted!r}: {p!r} is not a section",
+                              "write overrides as section.field=value")
+    tree[leaf] = value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist", "check the path given to --config") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}", "fix the YAML syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections", "see gstalker_core/profiles/preview.yaml")
+    return data
+
+
+def _env_overrides(environ: dict[str, str]) -> dict:
+    tree: dict = {}
+    for name, raw in environ.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            _set_path(tree, dotted, yaml.safe_load(raw) if raw else raw)
+    return tree
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+    return ConfigError(
+        "invalid configuration:\n    " + "\n    ".join(lines),
+        f"correct the field(s) above in {origin}; `gstalker config show` prints a valid config",
+    )
+
+
+def load_config(
+    profile: str = "preview",
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    environ: dict[str, str] | None = None,
+) -> PipelineConfig:
+    """Build the effective config. Raises ``ConfigError`` naming every bad field."""
+    allowed = ProfileName.__args__
+    if profile not in allowed:
+        raise ConfigError(f"unknown profile {profile!r}", f"choose one of: {', '.join(allowed)}")
+    tree = _read_yaml(PROFILES_DIR / f"{profile}.yaml")
+    tree["profile"] = profile
+    if config_file:
+        tree = _deep_merge(tree, _read_yaml(Path(config_file)))
+    tree = _deep_merge(tree, _env_overrides(dict(os.environ if environ is None else environ)))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"config override {item!r} has no '='", "write overrides as section.field=value")
+        dotted, raw = item.split("=", 1)
+        _set_path(tree, dotted.strip(), yaml.safe_load(raw) if raw else raw)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise _format_validation_error(e, "the profile, --config file, GSTALKER_* variables or --set overrides") from None

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+
+from gstalker_core import audio
+from gstalker_core.config import AudioConfig
+from gstalker_core.errors import InputError
+
+SR = 16000
+
+
+def tone_burst(start_s: float, total_s: float = 2.0, freq: float = 1000.0) -> np.ndarray:
+    t = np.arange(int(total_s * SR)) / SR
+    rng = np.random.default_rng(0)
+    x = 1e-4 * rng.standard_normal(len(t))  # a noise floor, as in real recordings
+    x[t >= start_s] += 0.5 * np.sin(2 * np.pi * freq * t[t >= start_s])
+    return x.astype(np.float32)
+
+
+@pytest.fixture
+def spec():
+    return audio.spec_for(AudioConfig(n_features=40), SR)
+
+
+def test_steps_are_50hz_and_two_per_video_frame(spec):
+    feats = audio.compute_features(tone_burst(1.0), spec, n_frames=50)
+    assert feats.shape == (100, 40) and feats.dtype == np.float32
+    # without n_frames, every started 40 ms frame gets its two steps: 2.01 s -> 51 frames
+    assert audio.compute_features(np.zeros(int(2.01 * SR), np.float32) + 1e-3, spec).shape[0] == 102
+
+
+def test_onset_lands_on_the_owning_video_frame(spec):
+    # a tone starting at 1.00 s = video frame 25 = audio steps 50, 51
+    energy = audio.compute_features(tone_burst(1.0), spec, n_frames=50).max(axis=1)
+    quiet, loud = energy[:45].mean(), energy[55:].mean()
+    assert loud - quiet > 30  # dB
+    # steps whose 50 ms analysis window ends before the onset are quiet, the ones after it loud
+    assert energy[48] < quiet + 5 and energy[52] > loud - 5
+    assert energy[51] > (quiet + loud) / 2  # centred at 1.03 s
+
+
+def test_loudness_does_not_change_features(spec):
+    x = tone_burst(0.5)
+    a = audio.compute_features(x, spec, n_frames=50)
+    b = audio.compute_features(0.05 * x, spec, n_frames=50)
+    assert np.abs(a - b)[20:].max() < 0.5
+
+
+def test_silence_gives_finite_features(spec):
+    feats = audio.compute_features(np.zeros(SR, np.float32), spec, n_frames=25)
+    assert np.isfinite(feats).all()
+
+
+def test_mfcc_kind(spec):
+    mfcc_spec = audio.spec_for(AudioConfig(kind="mfcc", n_features=13), SR)
+    assert audio.compute_features(tone_burst(0.5), mfcc_spec, n_frames=50).shape == (100, 13)
+
+
+def test_frame_window_is_centred_on_the_frames_own_steps():
+    feats = np.arange(40, dtype=np.float32)[:, None]
+    win = audio.frame_windows(feats, [5, 0, 19], step_window=8)[..., 0]
+    assert win[0].tolist() == [7, 8, 9, 10, 11, 12, 13, 14]  # frame 5 owns steps 10, 11
+    assert win[1].tolist() == [0, 0, 0, 0, 1, 2, 3, 4]  # edge-padded at the start
+    assert win[2].tolist() == [35, 36, 37, 38, 39, 39, 39, 39]
+
+
+def test_spec_mismatch_is_refused_with_the_field_named(spec):
+    other = audio.spec_for(AudioConfig(n_features=80), 22050)
+    with pytest.raises(InputError) as e:
+        audio.check_spec(other, spec)
+    msg = str(e.value)
+    assert "n_features: 80 (model expects 40)" in msg and "sample_rate" in msg and "fix:" in msg
+
+
+def test_odd_step_window_is_a_config_error():
+    with pytest.raises(ValueError, match="even"):
+        AudioConfig(step_window=15)

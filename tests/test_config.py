@@ -1,0 +1,59 @@
+import pytest
+
+from gstalker_core.config import load_config
+from gstalker_core.errors import ConfigError
+from gstalker_core.naming import validate_speaker
+from gstalker_core.errors import InputError
+
+
+def test_profiles_load_and_differ():
+    tiny, preview, paper = (load_config(p, environ={}) for p in ("tiny", "preview", "paper"))
+    assert (tiny.ingest.resolution, preview.ingest.resolution, paper.ingest.resolution) == (64, 256, 512)
+    assert paper.profile == "paper"
+
+
+def test_precedence_profile_file_env_cli(tmp_path):
+    f = tmp_path / "mine.yaml"
+    f.write_text("ingest:\n  resolution: 128\n  detect_every: 3\naudio:\n  n_features: 64\n")
+    env = {"GSTALKER_INGEST__RESOLUTION": "96", "GSTALKER_AUDIO__KIND": "mfcc", "UNRELATED": "x"}
+    cfg = load_config("preview", config_file=f, overrides=["ingest.resolution=200"], environ=env)
+    assert cfg.ingest.resolution == 200  # CLI beats env beats file beats profile
+    assert cfg.ingest.detect_every == 3 and cfg.audio.n_features == 64 and cfg.audio.kind == "mfcc"
+
+
+def test_invalid_value_names_field_and_allowed_values():
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", overrides=["audio.kind=wav2vec"], environ={})
+    assert "audio.kind" in str(e.value) and "'logmel' or 'mfcc'" in str(e.value)
+
+
+def test_out_of_range_and_unknown_fields():
+    with pytest.raises(ConfigError, match=r"ingest.resolution: Input should be less than or equal to 1024"):
+        load_config("tiny", overrides=["ingest.resolution=4096"], environ={})
+    with pytest.raises(ConfigError, match=r"ingest.resolutoin: Extra inputs are not permitted"):
+        load_config("tiny", overrides=["ingest.resolutoin=64"], environ={})
+    with pytest.raises(ConfigError, match="GSTALKER_"):
+        load_config("tiny", environ={"GSTALKER_STORE__MAX_ATTEMPTS": "many"})
+
+
+def test_unknown_profile_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="choose one of: tiny, preview, paper"):
+        load_config("huge", environ={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("tiny", config_file=tmp_path / "nope.yaml", environ={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ingest: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config("tiny", config_file=bad, environ={})
+    with pytest.raises(ConfigError, match="has no '='"):
+        load_config("tiny", overrides=["ingest.resolution"], environ={})
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", "../x", "has space", "Upper", "", "-lead", "x" * 64])
+def test_unsafe_speaker_names_are_refused(name):
+    with pytest.raises(InputError, match="invalid speaker name"):
+        validate_speaker(name)
+
+
+def test_good_speaker_names():
+    assert validate_speaker("cnn-anchor_2") == "cnn-anchor_2"
