@@ -1,0 +1,49 @@
+"""The train-speaker flow under Prefect's test harness (a real local API, offline)."""
+
+from __future__ import annotations
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.train_speaker import train_speaker
+from gstalker_core.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_states(flow_state) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return {run.name.split("-tiny")[0]: run.state.name for run in runs}
+
+
+def test_second_run_is_cached_and_a_config_change_reruns_only_its_stage(prefect_api, clip, tmp_path):
+    video = str(clip("plain.mp4", seconds=2.0))
+    home = [f"home={tmp_path / 'home'}"]
+    first = train_speaker(video, "tiny-speaker", profile="tiny", overrides=home, return_state=True)
+    keys = first.result()
+    assert set(keys) >= {"ingest", "audio"}
+    assert _task_states(first) == {"ingest": "Completed", "audio-features": "Completed"}
+
+    second = train_speaker(video, "tiny-speaker", profile="tiny", overrides=home, return_state=True)
+    assert second.result() == keys
+    assert _task_states(second) == {"ingest": "Cached", "audio-features": "Cached"}
+
+    changed = train_speaker(video, "tiny-speaker", profile="tiny", overrides=[*home, "audio.n_features=40"],
+                            return_state=True)
+    assert changed.result()["ingest"] == keys["ingest"] and changed.result()["audio"] != keys["audio"]
+    assert _task_states(changed) == {"ingest": "Cached", "audio-features": "Completed"}
+
+
+def test_bad_speaker_name_fails_the_flow_with_the_reason(prefect_api, clip, tmp_path):
+    state = train_speaker(str(clip("plain.mp4", seconds=2.0)), "../escape", profile="tiny",
+                          overrides=[f"home={tmp_path}"], return_state=True)
+    assert state.is_failed()
+    with pytest.raises(InputError, match="invalid speaker name"):
+        state.result()
