@@ -141,3 +141,64 @@ def extract_audio(path: Path, dest: Path, sample_rate: int) -> Path:
         raise InputError(f"{Path(path).name}: ffmpeg could not decode the audio ({_ffmpeg_message(err)})",
                          "the file is truncated or corrupt: re-export or re-upload it") from None
     return dest
+
+
+def decode_audio(path: Path, sample_rate: int) -> np.ndarray:
+    """Any audio ffmpeg reads (or a video's sound track) as float32 mono samples at ``sample_rate``."""
+    try:
+        raw, _ = (ffmpeg.input(str(path)).audio
+                  .output("pipe:", format="f32le", ac=1, ar=sample_rate, loglevel="error")
+                  .run(capture_stdout=True, capture_stderr=True))
+    except ffmpeg.Error as err:
+        raise InputError(f"{Path(path).name}: ffmpeg could not decode the audio ({_ffmpeg_message(err)})",
+                         "the file is truncated or corrupt: re-export or re-upload it") from None
+    return np.frombuffer(raw, np.float32).copy()
+
+
+class VideoWriter:
+    """Stream RGB uint8 frames into an H.264 mp4, muxing an audio file if given.
+
+    Frames go straight down ffmpeg's stdin, so memory does not grow with the video's
+    length. Writes to ``<dest>.part`` and renames on success: a crash never leaves a
+    file that looks finished.
+    """
+
+    def __init__(self, dest: Path, width: int, height: int, fps: int, audio: Path | None = None, crf: int = 18):
+        self.dest = Path(dest)
+        self.partial = self.dest.with_name(self.dest.name + ".part")
+        self.frames = 0
+        video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
+        streams = [video] + ([ffmpeg.input(str(audio)).audio] if audio else [])
+        opts = dict(vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset="veryfast", format="mp4",
+                    movflags="+faststart", loglevel="error")
+        if audio:
+            opts.update(acodec="aac", audio_bitrate="128k")
+        self._process = ffmpeg.output(*streams, str(self.partial), **opts).overwrite_output().run_async(
+            pipe_stdin=True, pipe_stderr=True)
+
+    def write(self, frame: np.ndarray) -> None:
+        self._process.stdin.write(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
+        self.frames += 1
+
+    def close(self) -> Path:
+        self._process.stdin.close()
+        stderr = self._process.stderr.read().decode(errors="replace")
+        if self._process.wait() != 0:
+            self.partial.unlink(missing_ok=True)
+            raise RuntimeError(f"ffmpeg failed writing {self.dest.name}: {stderr.strip()[-400:]}")
+        self.partial.replace(self.dest)
+        return self.dest
+
+    def abort(self) -> None:
+        self._process.kill()
+        self._process.wait()
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,50 @@
+"""Image losses and quality metrics shared by training and evaluation.
+
+Images are float tensors in [0, 1] shaped (..., H, W, C), the rasteriser's layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+_C1, _C2 = 0.01 ** 2, 0.03 ** 2
+
+
+def _gaussian_window(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    x = torch.arange(SSIM_WINDOW, dtype=dtype, device=device) - SSIM_WINDOW // 2
+    g = torch.exp(-x ** 2 / (2 * SSIM_SIGMA ** 2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW).contiguous()
+
+
+def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-pixel SSIM (Wang et al. 2004, 11x11 Gaussian window, sigma 1.5), shape (N, C, H', W')."""
+    a = a.reshape(-1, *a.shape[-3:]).permute(0, 3, 1, 2)
+    b = b.reshape(-1, *b.shape[-3:]).permute(0, 3, 1, 2)
+    channels = a.shape[1]
+    w = _gaussian_window(channels, a.dtype, a.device)
+    blur = lambda t: F.conv2d(t, w, groups=channels)  # noqa: E731  valid conv: no padding artefacts
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a ** 2
+    var_b = blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    return ((2 * mu_a * mu_b + _C1) * (2 * cov + _C2)) / ((mu_a ** 2 + mu_b ** 2 + _C1) * (var_a + var_b + _C2))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean SSIM over the batch."""
+    return ssim_map(a, b).mean()
+
+
+def photometric_loss(rendered: torch.Tensor, target: torch.Tensor, ssim_weight: float = 0.2) -> torch.Tensor:
+    """The 3DGS loss: (1 - w) L1 + w (1 - SSIM)."""
+    return (1 - ssim_weight) * (rendered - target).abs().mean() + ssim_weight * (1 - ssim(rendered, target))
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [0, 1] (over the whole batch)."""
+    mse = F.mse_loss(a.float(), b.float()).item()
+    return float("inf") if mse == 0 else -10.0 * torch.log10(torch.tensor(mse)).item()
