@@ -102,6 +102,36 @@ def train(video: str = typer.Argument(..., help="local path or s3:// URL of the 
     out.print(table)
 
 
+@app.command()
+def submit(video: str = typer.Argument(..., help="local path (uploaded to the store) or s3:// URL of the speaker video"),
+           speaker: str = typer.Option(..., "--speaker", help="speaker name: lower-case letters, digits, - and _"),
+           profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+           store: Optional[str] = StoreOpt) -> None:
+    """Queue a training run on the train-speaker deployment (Prefect server in PREFECT_API_URL)."""
+    from flows.submit import submit_training, ui_link
+
+    run, created = submit_training(video, speaker, profile, _overrides(set_, store), config)
+    if created:
+        out.print(f"submitted train-speaker for {speaker}: flow run {run.id}")
+    else:
+        out.print(f"already submitted with the same video and config: flow run {run.id} "
+                  f"({run.state.name if run.state else 'pending'}); not queued again")
+    out.print(f"  {ui_link(run)}", highlight=False)
+
+
+@app.command()
+def status(run_id: Optional[str] = typer.Argument(None, help="flow run id (default: the 20 most recent runs)")) -> None:
+    """Show the state of a submitted run, or of recent runs."""
+    from flows.submit import read_run, recent_runs, ui_link
+
+    runs = [read_run(run_id)] if run_id else recent_runs()
+    table = Table("flow run", "name", "state", "started", "link")
+    for run in runs:
+        started = run.start_time.strftime("%Y-%m-%d %H:%M") if run.start_time else "-"
+        table.add_row(str(run.id), run.name, run.state.name if run.state else "-", started, ui_link(run))
+    out.print(table)
+
+
 @store_app.command("ls")
 def store_ls(prefix: str = typer.Argument("", help="key prefix, e.g. stages/ingest/"),
              profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
