@@ -82,12 +82,44 @@ class AudioConfig(Section):
         return v
 
 
+class TrackConfig(Section):
+    """Tracking and parsing. Defaults suit the preview profile; the paper profile keeps them."""
+
+    landmark_backend: Literal["mediapipe", "face_alignment", "insightface"] = Field(
+        default="mediapipe", description="landmark detector; the others need model_dir")
+    model_dir: str = Field(default="", description="local weights folder for the optional backends (never downloaded)")
+    min_detection_confidence: float = Field(default=0.5, gt=0, lt=1)
+    fov_min_deg: float = Field(default=8.0, gt=1, lt=90, description="focal search range, vertical field of view")
+    fov_max_deg: float = Field(default=60.0, gt=1, lt=120)
+    fov_prior_deg: float = Field(default=20.0, gt=1, lt=120,
+                                 description="field of view used when the clip cannot determine it (near-static head)")
+    focal_fit_frames: int = Field(default=60, ge=5, description="frames (spread over the clip) used to choose the focal")
+    smooth_min_cutoff_hz: float = Field(default=1.0, gt=0, description="one-euro cutoff at rest (lower = smoother)")
+    smooth_beta: float = Field(default=0.5, ge=0, description="one-euro speed coefficient (higher = less lag on turns)")
+    outlier_mad: float = Field(default=6.0, gt=0, description="fit residual above median + k*MAD marks a frame invalid")
+    outlier_min_px_fraction: float = Field(default=0.02, gt=0,
+                                           description="...but only when the residual also exceeds this x resolution")
+    max_gap_frames: int = Field(default=12, ge=0, description="longest run of bad frames that is interpolated")
+    black_level: float = Field(default=12.0, ge=0, le=255, description="mean grey level below which a frame is black")
+    scene_cut_factor: float = Field(default=8.0, gt=1, description="frame difference x median that counts as a cut")
+    scene_cut_min_level: float = Field(default=30.0, ge=0, description="...and at least this mean abs difference (0-255)")
+    min_face_fraction: float = Field(default=0.12, gt=0, lt=1, description="face width / crop side below which we refuse")
+    profile_yaw_deg: float = Field(default=50.0, gt=0, lt=90, description="yaw beyond which frames are warned as profile")
+    person_threshold: float = Field(default=0.5, gt=0, lt=1, description="selfie-segmentation probability for 'person'")
+    neck_half_width: float = Field(default=0.45, gt=0, description="neck band half width, in face widths")
+    neck_length: float = Field(default=0.55, gt=0, description="neck bottom below the chin, in face heights")
+    plate_frames: int = Field(default=64, ge=3, description="frames sampled for the background plate (bounds memory)")
+    plate_dilate_fraction: float = Field(default=0.03, ge=0, description="person mask dilation for the plate, x resolution")
+    qa_video: bool = Field(default=True, description="write qa.mp4 (landmarks, head axes, masks) into the stage")
+
+
 class PipelineConfig(Section):
     profile: ProfileName = "preview"
     home: str = Field(default="", description="empty = $GSTALKER_HOME or ~/.gstalker")
     store: StoreConfig = StoreConfig()
     ingest: IngestConfig = IngestConfig()
     audio: AudioConfig = AudioConfig()
+    track: TrackConfig = TrackConfig()
 
     @property
     def home_dir(self) -> Path:

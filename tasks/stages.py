@@ -15,7 +15,7 @@ from typing import Any, Callable
 from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 
-from gstalker_core import audio, ingest
+from gstalker_core import audio, ingest, tracking
 from gstalker_core.config import PipelineConfig
 from gstalker_core.errors import ConfigError, InputError
 from gstalker_core.storage import StageManifest, StageRun, open_store
@@ -63,3 +63,9 @@ def ingest_video(source: str, cfg: PipelineConfig, speaker: str = "") -> StageMa
       **STAGE_TASK)
 def extract_audio_features(ingest_run: StageManifest, cfg: PipelineConfig, speaker: str = "") -> StageManifest:
     return _report(audio.run(open_store(cfg), ingest_run, cfg))
+
+
+@task(name="track-and-parse", task_run_name="track-and-parse-{speaker}",
+      cache_key_fn=stage_cache_key(tracking.stage_key), **STAGE_TASK)
+def track_and_parse(ingest_run: StageManifest, cfg: PipelineConfig, speaker: str = "") -> StageManifest:
+    return _report(tracking.run(open_store(cfg), ingest_run, cfg))

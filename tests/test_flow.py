@@ -28,17 +28,17 @@ def test_second_run_is_cached_and_a_config_change_reruns_only_its_stage(prefect_
     home = [f"home={tmp_path / 'home'}"]
     first = train_speaker(video, "tiny-speaker", profile="tiny", overrides=home, return_state=True)
     keys = first.result()
-    assert set(keys) >= {"ingest", "audio"}
-    assert _task_states(first) == {"ingest": "Completed", "audio-features": "Completed"}
+    assert set(keys) >= {"ingest", "track", "audio"}
+    assert _task_states(first) == {"ingest": "Completed", "track-and-parse": "Completed", "audio-features": "Completed"}
 
     second = train_speaker(video, "tiny-speaker", profile="tiny", overrides=home, return_state=True)
     assert second.result() == keys
-    assert _task_states(second) == {"ingest": "Cached", "audio-features": "Cached"}
+    assert _task_states(second) == {"ingest": "Cached", "track-and-parse": "Cached", "audio-features": "Cached"}
 
     changed = train_speaker(video, "tiny-speaker", profile="tiny", overrides=[*home, "audio.n_features=40"],
                             return_state=True)
     assert changed.result()["ingest"] == keys["ingest"] and changed.result()["audio"] != keys["audio"]
-    assert _task_states(changed) == {"ingest": "Cached", "audio-features": "Completed"}
+    assert _task_states(changed) == {"ingest": "Cached", "track-and-parse": "Cached", "audio-features": "Completed"}
 
 
 def test_bad_speaker_name_fails_the_flow_with_the_reason(prefect_api, clip, tmp_path):

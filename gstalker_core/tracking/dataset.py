@@ -1,0 +1,94 @@
+"""Streaming training samples over a tracked clip, memory bounded by one chunk.
+
+Frames (ingest) and labels (track) are chunked alike, so a pass that visits the frames
+chunk by chunk decompresses each chunk once; the random order is therefore grouped by
+chunk: chunks in random order, frames in random order within a chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+
+from ..audio import frame_windows
+from ..frames import ChunkReader
+from .track import BLINK, INTRINSICS, LANDMARKS, TEMPLATE, VALID, VIEWMATS, TrackManifest
+
+
+@dataclass
+class TrackArrays:
+    viewmats: np.ndarray  # (N, 4, 4) float32 world-to-camera
+    K: np.ndarray  # (3, 3) float32
+    landmarks: np.ndarray  # (N, 478, 3) float32: pixel x, y; relative depth z in pixels
+    blink: np.ndarray  # (N,) float32 eye closure in [0, 1]
+    valid: np.ndarray  # (N,) bool, False where interpolated
+    template: np.ndarray  # (478, 3) float32 world points
+
+    @classmethod
+    def load(cls, parts: dict[str, Path]) -> "TrackArrays":
+        return cls(*(np.load(parts[name]) for name in (VIEWMATS, INTRINSICS, LANDMARKS, BLINK, VALID, TEMPLATE)))
+
+
+@dataclass
+class Sample:
+    index: int
+    rgb: torch.Tensor  # (H, W, 3) uint8
+    labels: torch.Tensor  # (H, W) uint8: 0 background, 1 head, 2 neck, 3 torso
+    viewmat: torch.Tensor  # (4, 4) float32
+    K: torch.Tensor  # (3, 3) float32
+    blink: torch.Tensor  # () float32
+    valid: bool
+    audio: torch.Tensor | None  # (step_window, n_features) float32 when audio features were given
+
+
+class SpeakerDataset(torch.utils.data.IterableDataset):
+    """Samples of one split (``train`` or ``test``) of a tracked clip.
+
+    Indexing (``ds[k]``) gives the k-th frame of the split; iterating gives one epoch, in
+    chunk-grouped random order when ``shuffle`` (a new order every epoch), else in order.
+    ``audio_features``: the audio stage's (steps, n_features) array, 2 steps per frame.
+    """
+
+    def __init__(self, frames: Sequence[np.ndarray] | ChunkReader, labels: Sequence[np.ndarray] | ChunkReader,
+                 manifest: TrackManifest, arrays: TrackArrays, split: Literal["train", "test", "all"] = "train",
+                 audio_features: np.ndarray | None = None, step_window: int = 16, shuffle: bool = True,
+                 seed: int = 0):
+        self.frames, self.labels, self.manifest, self.arrays = frames, labels, manifest, arrays
+        part = {"train": manifest.train, "test": manifest.test}.get(split)
+        self.indices = np.arange(part.start, part.stop) if part else np.arange(manifest.n_frames)
+        self.audio_features, self.step_window = audio_features, step_window
+        self.shuffle, self._rng = shuffle, np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> Sample:
+        return self.sample(int(self.indices[k]))
+
+    def sample(self, i: int) -> Sample:
+        """The sample of clip frame ``i``."""
+        a = self.arrays
+        audio = None
+        if self.audio_features is not None:
+            audio = torch.from_numpy(frame_windows(self.audio_features, [i], self.step_window)[0])
+        return Sample(index=i, rgb=torch.from_numpy(np.array(self.frames[i])),
+                      labels=torch.from_numpy(np.array(self.labels[i])),
+                      viewmat=torch.from_numpy(a.viewmats[i]), K=torch.from_numpy(a.K),
+                      blink=torch.tensor(float(a.blink[i])), valid=bool(a.valid[i]), audio=audio)
+
+    def order(self) -> np.ndarray:
+        """Frame indices of one epoch: chunk-grouped random order (or in order)."""
+        if not self.shuffle:
+            return self.indices
+        chunk = self.indices // self.manifest.chunk_frames
+        groups = [self.indices[chunk == c] for c in np.unique(chunk)]
+        self._rng.shuffle(groups)
+        return np.concatenate([self._rng.permutation(g) for g in groups])
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in self.order():
+            yield self.sample(int(i))

@@ -1,0 +1,68 @@
+"""Per-frame labels {0 background, 1 head (face + hair), 2 neck, 3 torso} from the person
+mask and the face mesh, no face-parsing network.
+
+Geometry, in a head-aligned 2D frame (origin at the chin, ``up`` = chin -> forehead):
+- head: person pixels above the jaw curve; beyond the jaw angles (ears, hair) the curve
+  continues flat at the angles' height, so ears and all hair above are head;
+- neck: other person pixels within ``neck_half_width`` face widths of the chin axis, down
+  to ``neck_length`` face heights below the chin;
+- torso: the remaining person pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .landmarks import CHIN, FOREHEAD, JAW
+
+BACKGROUND, HEAD, NECK, TORSO = 0, 1, 2, 3
+
+
+class Parser:
+    """Labels for one resolution (the pixel grid is built once)."""
+
+    def __init__(self, height: int, width: int, neck_half_width: float, neck_length: float):
+        ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5  # pixel centres
+        self._pix = np.stack([xs.ravel(), ys.ravel()], axis=1)
+        self.shape = (height, width)
+        self.neck_half_width = neck_half_width
+        self.neck_length = neck_length
+
+    def labels(self, person: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """(H, W) uint8 labels from a boolean person mask and (478, >=2) pixel landmarks."""
+        chin, top = landmarks[CHIN, :2], landmarks[FOREHEAD, :2]
+        up = top - chin
+        face_height = float(np.linalg.norm(up)) or 1.0
+        up /= face_height
+        right = np.array([-up[1], up[0]])  # image +x for an upright head (y is down)
+        rel = self._pix - chin
+        across, along = rel @ right, rel @ up
+        jaw = (landmarks[JAW, :2] - chin) @ np.stack([right, up], axis=1)
+        order = np.argsort(jaw[:, 0])
+        jaw_along = np.interp(across, jaw[order, 0], jaw[order, 1])  # flat beyond the jaw ends
+        face_width = float(jaw[:, 0].max() - jaw[:, 0].min()) or 1.0
+        head = along >= jaw_along
+        neck = (np.abs(across) <= self.neck_half_width * face_width) & (along >= -self.neck_length * face_height)
+        out = np.where(head, HEAD, np.where(neck, NECK, TORSO)).astype(np.uint8).reshape(self.shape)
+        out[~person] = BACKGROUND
+        return out
+
+
+def compose_targets(frame: np.ndarray, labels: np.ndarray, plate: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Ground truth for the head-only and torso-only renders, built on the fly in training.
+
+    head_rgb: the frame's head pixels over the plate; head_alpha: 1 on head pixels.
+    torso_rgb: the frame's neck + torso pixels over the plate, head pixels replaced by the
+    plate (the torso render must not learn the head); torso_alpha: 1 on neck + torso.
+    The full frame is recovered as head over torso over plate. Inputs: frame and plate
+    (H, W, 3) uint8 or float, labels (H, W) uint8; outputs float32, colours in [0, 1].
+    """
+    scale = 255.0 if frame.dtype == np.uint8 else 1.0
+    img = frame.astype(np.float32) / scale
+    bg = plate.astype(np.float32) / (255.0 if plate.dtype == np.uint8 else 1.0)
+    head_alpha = (labels == HEAD).astype(np.float32)
+    torso_alpha = ((labels == NECK) | (labels == TORSO)).astype(np.float32)
+    head_rgb = np.where(head_alpha[..., None] > 0, img, bg)
+    torso_rgb = np.where(torso_alpha[..., None] > 0, img, bg)
+    return head_rgb, head_alpha, torso_rgb, torso_alpha

@@ -1,0 +1,52 @@
+"""The ``track`` stage: ingest frames -> landmarks, poses, intrinsics, blink, labels, plate, QA video.
+
+Stage parts: ``labels_<chunk>.npz`` (chunked like the frames), the arrays named in
+``track`` (viewmats.npy, K.npy, landmarks.npy, blink.npy, valid.npy, template.npy),
+plate.png, qa.mp4. Stage meta: ``TrackManifest``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import ingest
+from ..config import PipelineConfig
+from ..frames import ChunkReader
+from ..storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_stage, run_stage
+from .dataset import SpeakerDataset, TrackArrays
+from .track import LABELS, Progress, TrackManifest, track_clip
+
+STAGE = "track"
+CODE_VERSION = "1"
+
+
+def stage_key(ingest_run: StageManifest, cfg: PipelineConfig) -> str:
+    return content_key(STAGE, CODE_VERSION, cfg.track, {"ingest": ingest_run.key})
+
+
+def run(store: ArtifactStore, ingest_run: StageManifest, cfg: PipelineConfig, progress: Progress | None = None
+        ) -> StageRun:
+    """The ``track`` stage of an ingested clip, built unless already stored."""
+    meta = ingest.manifest_of(ingest_run)
+
+    def build(workdir: Path) -> dict:
+        frames = ingest.open_frames(store, ingest_run, cfg.cache_dir)
+        manifest = track_clip(frames, cfg.track, workdir, progress, fps=meta.fps, chunk_frames=meta.chunk_frames)
+        return manifest.model_dump(mode="json")
+
+    return run_stage(store, stage=STAGE, code_version=CODE_VERSION, config=cfg.track,
+                     inputs={"ingest": ingest_run.key}, build=build, cache_dir=cfg.cache_dir)
+
+
+def manifest_of(track_run: StageManifest) -> TrackManifest:
+    return TrackManifest.model_validate(track_run.meta)
+
+
+def open_dataset(store: ArtifactStore, track_run: StageManifest, ingest_run: StageManifest, cache_dir: Path,
+                 **dataset_options) -> SpeakerDataset:
+    """A ``SpeakerDataset`` over the stored frames and tracks (options: see ``SpeakerDataset``)."""
+    meta = manifest_of(track_run)
+    parts = fetch_stage(store, track_run, cache_dir)
+    labels = ChunkReader.from_parts(parts, LABELS, meta.chunk_frames, meta.n_frames)
+    return SpeakerDataset(ingest.open_frames(store, ingest_run, cache_dir), labels, meta, TrackArrays.load(parts),
+                          **dataset_options)
