@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -79,6 +80,36 @@ def ingest(video: str = typer.Argument(..., help="local path or s3:// URL of the
     out.print(f"  {meta['n_frames']} frames at {meta['fps']} fps, {meta['resolution']} px, crop {meta['crop']}, "
               f"audio {meta['audio_duration_s']:.2f} s")
     for warning in meta.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+@app.command()
+def inspect(video: str = typer.Argument(..., help="local path or s3:// URL of the speaker video"),
+            output: Optional[str] = typer.Option(None, "--output", "-o", help="where to copy the QA video (.mp4)"),
+            profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+            store: Optional[str] = StoreOpt) -> None:
+    """Ingest and track a video (cached), then write its QA video: landmarks, head axes, masks."""
+    import shutil
+
+    from gstalker_core import ingest as ingest_stage
+    from gstalker_core import tracking
+    from gstalker_core.storage import fetch_part, open_store
+
+    cfg = _config(profile, config, set_, store)
+    st = open_store(cfg)
+    with _progress("ingest") as progress:
+        clip = ingest_stage.run(st, video, cfg, progress=progress).manifest
+    with _progress("track and parse") as progress:
+        tracks = tracking.run(st, clip, cfg, progress=progress).manifest
+    meta = tracking.manifest_of(tracks)
+    qa = fetch_part(st, tracks, tracking.QA_VIDEO, cfg.cache_dir)
+    dest = output or f"{Path(video).stem}-qa.mp4"
+    shutil.copyfile(qa, dest)
+    out.print(f"QA video: {dest}  (stored at stages/track/{tracks.key}/)")
+    out.print(f"  focal {meta.focal:.1f} px (fov {meta.fov_deg:.1f} deg), reprojection error "
+              f"{meta.reprojection_error_px:.2f} px, jitter {meta.jitter_raw_px:.2f} -> {meta.jitter_smoothed_px:.2f} "
+              f"px/frame^2, {meta.n_valid}/{meta.n_frames} frames tracked")
+    for warning in meta.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
 
 

@@ -11,7 +11,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "TrackConfig": "..config",
-    "TrackManifest": ".track", "FrameRange": ".track", "track_clip": ".track",
+    "TrackManifest": ".track", "FrameRange": ".track", "track_clip": ".track", "QA_VIDEO": ".track", "PLATE": ".track",
     "SpeakerDataset": ".dataset", "Sample": ".dataset", "TrackArrays": ".dataset",
     "compose_targets": ".parsing", "BACKGROUND": ".parsing", "HEAD": ".parsing", "NECK": ".parsing",
     "TORSO": ".parsing",
