@@ -77,7 +77,10 @@ def fetch_source(source: str, cfg: PipelineConfig) -> Path:
     if not key:
         raise InputError(f"{source} names a bucket, not a video", "give the full URL: s3://bucket/path/video.mp4")
     dest = cfg.cache_dir / "sources" / hashlib.sha256(source.encode()).hexdigest()[:16] / Path(key).name
-    return S3Store(f"s3://{parsed.netloc}", cfg.store).get_file(key, dest)
+    bucket = S3Store(f"s3://{parsed.netloc}", cfg.store)
+    if not bucket.exists(key):
+        raise InputError(f"{source} does not exist", "check the URL, e.g. with `aws s3 ls` on its folder")
+    return bucket.get_file(key, dest)
 
 
 def stage_key(source: str, cfg: PipelineConfig) -> str:
