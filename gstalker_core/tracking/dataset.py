@@ -61,7 +61,8 @@ class SpeakerDataset(torch.utils.data.IterableDataset):
         part = {"train": manifest.train, "test": manifest.test}.get(split)
         self.indices = np.arange(part.start, part.stop) if part else np.arange(manifest.n_frames)
         self.audio_features, self.step_window = audio_features, step_window
-        self.shuffle, self._rng = shuffle, np.random.default_rng(seed)
+        self.shuffle, self.seed, self._epoch = shuffle, seed, 0
+        self._cached_order: tuple[int, np.ndarray | None] = (-1, None)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -80,15 +81,29 @@ class SpeakerDataset(torch.utils.data.IterableDataset):
                       viewmat=torch.from_numpy(a.viewmats[i]), K=torch.from_numpy(a.K),
                       blink=torch.tensor(float(a.blink[i])), valid=bool(a.valid[i]), audio=audio)
 
-    def order(self) -> np.ndarray:
-        """Frame indices of one epoch: chunk-grouped random order (or in order)."""
+    def order(self, epoch: int = 0) -> np.ndarray:
+        """Frame indices of epoch ``epoch``: chunk-grouped random order (or in order).
+
+        The order depends only on (seed, epoch), so a training run resumed at any step
+        draws exactly the frames an uninterrupted run would.
+        """
         if not self.shuffle:
             return self.indices
+        rng = np.random.default_rng([self.seed, epoch])
         chunk = self.indices // self.manifest.chunk_frames
         groups = [self.indices[chunk == c] for c in np.unique(chunk)]
-        self._rng.shuffle(groups)
-        return np.concatenate([self._rng.permutation(g) for g in groups])
+        rng.shuffle(groups)
+        return np.concatenate([rng.permutation(g) for g in groups])
+
+    def index_at(self, step: int) -> int:
+        """The frame a training loop visits at ``step`` (epochs back to back)."""
+        epoch, k = divmod(step, len(self.indices))
+        if self._cached_order[0] != epoch:
+            self._cached_order = (epoch, self.order(epoch))
+        return int(self._cached_order[1][k])
 
     def __iter__(self) -> Iterator[Sample]:
-        for i in self.order():
+        """One epoch; each new iteration is the next epoch."""
+        epoch, self._epoch = self._epoch, self._epoch + 1
+        for i in self.order(epoch):
             yield self.sample(int(i))
