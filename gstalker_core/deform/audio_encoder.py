@@ -29,7 +29,7 @@ from torch import nn
 
 from ..audio import STEPS_PER_FRAME, frame_windows
 from ..errors import InputError
-from .config import DeformConfig
+from ..config import DeformConfig
 
 LEAK = 0.02
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .config import DeformConfig
+from ..config import DeformConfig
 from .triplane import BoxNormaliser, TriPlaneEncoder
 
 POSE_DIM = 9  # 6D rotation (first two columns of R_rel - I) + translation / reference distance
@@ -75,19 +75,19 @@ class ConditionedMLP(nn.Module):
     def __init__(self, point_dim: int, cond_dim: int, width: int, depth: int, out_dim: int):
         super().__init__()
         self.point_in = nn.Linear(point_dim, width)
-        self.cond_in = nn.Linear(cond_dim, width, bias=False) if cond_dim else None
-        self.hidden = nn.Sequential(*[m for _ in range(depth - 1) for m in (nn.Linear(width, width), nn.ReLU())])
+        self.cond_in = nn.Linear(cond_dim, width, bias=False)
+        self.hidden = nn.Sequential(*[layer for _ in range(depth - 1)
+                                      for layer in (nn.Linear(width, width), nn.ReLU(inplace=True))])
         self.head = nn.Linear(width, out_dim)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, points: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        h = self.point_in(points).unsqueeze(0)  # (1, N, width)
-        if self.cond_in is not None:
-            h = h + self.cond_in(conditions).unsqueeze(1)  # (B, N, width)
-        else:
-            h = h.expand(len(conditions), -1, -1)
-        return self.head(self.hidden(torch.relu(h)))
+        h = self.point_in(points).unsqueeze(0) + self.cond_in(conditions).unsqueeze(1)  # (B, N, width)
+        # ReLUs in place to save (B, N, width) buffers; on 2D activations, because an in-place op on
+        # the view a 3D nn.Linear returns makes autograd copy the whole tensor back (CopySlices)
+        flat = h.relu_().flatten(0, 1)
+        return self.head(self.hidden(flat)).view(len(conditions), len(points), -1)
 
 
 def _deltas(raw: torch.Tensor, position_scale: torch.Tensor) -> DeformDeltas:
@@ -105,7 +105,8 @@ class FaceDeformField(nn.Module):
         super().__init__()
         self.audio_dim = cfg.audio_code_dim
         self.encoder = TriPlaneEncoder(cfg, bbox_min, bbox_max)
-        self.mlp = ConditionedMLP(self.encoder.output_dim, self.audio_dim + 1, cfg.face_mlp_width, cfg.face_mlp_depth, 10)
+        self.mlp = ConditionedMLP(self.encoder.output_dim, self.audio_dim + 1, cfg.face_mlp_width, cfg.face_mlp_depth,
+                                  out_dim=10)
 
     def encode(self, means: torch.Tensor) -> torch.Tensor:
         return self.encoder(means)
@@ -164,7 +165,7 @@ class TorsoDeformField(nn.Module):
         self.latents = nn.Embedding(n_train_frames, cfg.torso_latent_dim)
         nn.init.zeros_(self.latents.weight)
         self.mlp = ConditionedMLP(3 + 6 * cfg.torso_frequencies, POSE_DIM + cfg.torso_latent_dim,
-                                  cfg.torso_mlp_width, cfg.torso_mlp_depth, 10)
+                                  cfg.torso_mlp_width, cfg.torso_mlp_depth, out_dim=10)
 
     def encode(self, means: torch.Tensor) -> torch.Tensor:
         return frequency_encoding(self.normalise(means), self.n_frequencies)

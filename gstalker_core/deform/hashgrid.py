@@ -9,7 +9,7 @@ vertices exactly).
 Storage per level:
 - ``(res + 1)**2 <= T`` (T = 2**log2_table_size): a dense grid, a ``(P, F, res+1, res+1)``
   parameter indexed ``[plane, feature, iy, ix]`` and evaluated by ``F.grid_sample`` (one fused
-  kernel; on a CPU about 30x faster than gathering four corners by index);
+  kernel; on a CPU about 10x faster per level than gathering four corners by index);
 - otherwise a hash table of T rows: vertex (ix, iy) lives in row ``(ix * 1 xor iy * 2654435761) mod T``
   (the instant-ngp spatial hash; T is a power of two, so mod is a mask and uint32 wrap-around
   in instant-ngp gives the same low bits as our int64 arithmetic). All hashed levels of all
@@ -132,7 +132,8 @@ class TcnnHashGrid2D(nn.Module):
             import tinycudann as tcnn
         except ImportError as e:
             raise ConfigError(f"deform.grid_backend is 'tcnn' but tinycudann does not import ({e})",
-                              "install tiny-cuda-nn's torch bindings on the GPU machine, or set deform.grid_backend=torch")
+                              "install tiny-cuda-nn's torch bindings on the GPU machine, "
+                              "or set deform.grid_backend=torch")
         if not torch.cuda.is_available():
             raise ConfigError("deform.grid_backend is 'tcnn' but CUDA is not available",
                               "use deform.grid_backend=torch on machines without a GPU")

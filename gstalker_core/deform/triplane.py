@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .config import DeformConfig
+from ..config import DeformConfig
 from .hashgrid import make_hash_grid
 
 PLANE_AXES = ((0, 1), (1, 2), (0, 2))  # XY, YZ, XZ
