@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -151,6 +151,69 @@ class DeformConfig(Section):
         return self
 
 
+class GaussianConfig(Section):
+    """A Gaussian set: colour model, learning rates, 3DGS densification and pruning."""
+
+    sh_degree: int = Field(default=1, ge=0, le=3, description="spherical-harmonics degree of the colours")
+    init_opacity: float = Field(default=0.1, gt=0, lt=1)
+    lr_means: float = Field(default=1.6e-4, gt=0, description="x the set's extent (3DGS)")
+    lr_quats: float = Field(default=1e-3, gt=0)
+    lr_scales: float = Field(default=5e-3, gt=0)
+    lr_opacity: float = Field(default=5e-2, gt=0)
+    lr_sh0: float = Field(default=2.5e-3, gt=0, description="higher SH bands use 1/20 of it")
+    densify_from: int = Field(default=100, ge=0)
+    densify_until: int = Field(default=1500, ge=0)
+    densify_every: int = Field(default=100, ge=1)
+    densify_grad_threshold: float = Field(default=2e-4, gt=0, description="mean view-space gradient (NDC units)")
+    dense_scale_fraction: float = Field(default=0.01, gt=0, description="clone below, split above (x extent)")
+    prune_opacity: float = Field(default=0.005, ge=0, lt=1)
+    prune_scale_fraction: float = Field(default=0.5, gt=0, description="prune Gaussians larger than this x extent")
+    opacity_reset_every: int = Field(default=1000, ge=1)
+    max_gaussians: int = Field(default=30000, ge=1, description="densification stops adding beyond this")
+
+
+class StaticFitConfig(Section):
+    """Static fit of the head and torso Gaussians."""
+
+    iterations: int = Field(default=2000, ge=1)
+    n_head: int = Field(default=8000, ge=1, description="initial head Gaussians (random in the head volume)")
+    n_torso: int = Field(default=4000, ge=1, description="initial torso Gaussians (on neck/torso pixels)")
+    layer_loss_weight: float = Field(default=0.5, ge=0, description="weight of the head/torso layer losses")
+    ssim_weight: float = Field(default=0.2, ge=0, le=1)
+    eval_frames: int = Field(default=40, ge=1, description="held-out frames scored after the fit")
+    checkpoint_every: int = Field(default=500, ge=1)
+    backend: Literal["auto", "torch", "gsplat"] = "auto"
+    seed: int = 0
+    gaussians: GaussianConfig = GaussianConfig()
+
+
+class TrainConfig(Section):
+    """Deformation training schedule (after the static fit)."""
+
+    iterations: int = Field(default=3000, ge=1)
+    frames_per_step: int = Field(default=1, ge=1, description="frames rendered per optimisation step")
+    lr_networks: float = Field(default=2e-3, gt=0, description="Adam learning rate of the encoder and fields")
+    unfreeze_step: int = Field(default=2000, ge=0, description="step from which the static Gaussians train too")
+    static_lr_scale: float = Field(default=0.05, ge=0, description="their learning rate, x lr_networks")
+    lip_start: int = Field(default=1000, ge=0, description="step from which the mouth box weighs more")
+    lip_weight: float = Field(default=1.0, ge=0, description="extra L1 weight inside the mouth box")
+    layer_loss_weight: float = Field(default=0.5, ge=0, description="weight of the head/torso layer losses")
+    ssim_weight: float = Field(default=0.2, ge=0, le=1, description="D-SSIM weight in the photometric loss")
+    latent_smoothness_weight: float = Field(default=1.0, ge=0)
+    checkpoint_every: int = Field(default=500, ge=1)
+    seed: int = 0
+
+
+class DubConfig(Section):
+    """Rendering new audio with a trained speaker."""
+
+    min_duration_s: float = Field(default=0.5, gt=0)
+    max_duration_s: float = Field(default=3600.0, gt=0, description="longest audio accepted (1 h)")
+    chunk_frames: int = Field(default=25, ge=1, description="frames rendered per batch and piped to the encoder")
+    pose_stretch: Optional[tuple[int, int]] = Field(
+        default=None, description="training frames [start, stop) the pose/blink track ping-pongs over (default all)")
+
+
 class PipelineConfig(Section):
     profile: ProfileName = "preview"
     home: str = Field(default="", description="empty = $GSTALKER_HOME or ~/.gstalker")
@@ -159,6 +222,9 @@ class PipelineConfig(Section):
     audio: AudioConfig = AudioConfig()
     track: TrackConfig = TrackConfig()
     deform: DeformConfig = DeformConfig()
+    static: StaticFitConfig = StaticFitConfig()
+    train: TrainConfig = TrainConfig()
+    dub: DubConfig = DubConfig()
 
     @property
     def home_dir(self) -> Path:

@@ -36,6 +36,8 @@ def mouth_landmark_distance(predicted: np.ndarray, truth: np.ndarray, resolution
 def pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Correlation of two series; 0 when either is constant (no information, not a match)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2:
+        return 0.0
     a, b = a - a.mean(), b - b.mean()
     denom = np.sqrt((a * a).sum() * (b * b).sum())
     return float((a * b).sum() / denom) if denom > 1e-12 else 0.0

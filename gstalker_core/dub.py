@@ -1,0 +1,106 @@
+"""Dubbing: a trained speaker says any audio -> an H.264 + AAC mp4, streamed.
+
+1. The audio (any file ffmpeg reads, or a video's sound track) is decoded at the model's
+   feature sample rate and turned into features with the model's own extractor spec.
+2. The training pose and blink track is extended to the audio's length by ping-pong.
+3. Frames are rendered ``chunk_frames`` at a time and piped to ffmpeg as they come, with
+   the audio muxed: memory does not grow with the audio's length; the output has
+   ceil(duration x 25) frames.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from . import media
+from .audio import check_spec, compute_features, spec_for
+from .avatar import render_avatar
+from .bundle import Bundle
+from .config import AudioConfig, DubConfig
+from .errors import InputError
+from .pose_track import pose_track_indices
+from .talking_head import FrameConditions, eye_openness
+
+Progress = Callable[[int, Optional[int]], None]
+SILENCE_DBFS = -60.0
+
+
+class DubManifest(BaseModel):
+    audio_name: str
+    audio_duration_s: float
+    n_frames: int
+    fps: int
+    resolution: int
+    render_s: float  # deformation + rasterisation + compositing + encoding
+    wall_s: float
+
+
+def load_audio(path: Path, sample_rate: int, cfg: DubConfig) -> np.ndarray:
+    """Decoded mono samples, after the checks that give a clear message for unusable audio."""
+    info = media.probe(path)
+    if not info.has_audio:
+        raise InputError(f"{path.name} has no audio track", "give an audio file (wav, mp3, m4a, ...) or a video with sound")
+    if info.duration_s > cfg.max_duration_s:
+        raise InputError(f"{path.name} lasts {info.duration_s / 60:.1f} min; the limit is {cfg.max_duration_s / 60:g} min",
+                         "split the audio into parts, or raise dub.max_duration_s")
+    samples = media.decode_audio(path, sample_rate)
+    duration = len(samples) / sample_rate
+    if duration < cfg.min_duration_s:
+        raise InputError(f"{path.name} lasts {duration:.2f} s; dubbing needs at least {cfg.min_duration_s:g} s",
+                         "give a longer audio clip")
+    peak = 20 * np.log10(max(float(np.abs(samples).max(initial=0.0)), 1e-10))
+    if peak < SILENCE_DBFS:
+        raise InputError(f"{path.name} is silent (peak {peak:.0f} dBFS)",
+                         "check the file and the channel that holds the speech")
+    return samples
+
+
+@torch.no_grad()
+def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: Progress | None = None,
+        pose_track: np.ndarray | None = None) -> DubManifest:
+    """Render ``bundle`` saying ``audio_path`` into ``out`` (written only when complete)."""
+    start = time.perf_counter()
+    spec = bundle.manifest.audio_spec
+    # the installed extractor must produce what the model was trained on (librosa version, params)
+    check_spec(spec_for(AudioConfig(kind=spec.kind, n_features=spec.n_features, n_fft=spec.n_fft, fmin=spec.fmin,
+                                    fmax=spec.fmax, step_window=bundle.manifest.step_window), spec.sample_rate),
+               spec, what="the model's audio features (this install's extractor)")
+    samples = load_audio(audio_path, spec.sample_rate, cfg)
+    fps = bundle.manifest.fps
+    n_frames = math.ceil(len(samples) / spec.sample_rate * fps)
+    features = compute_features(samples, spec, n_frames=n_frames)
+    duration = len(samples) / spec.sample_rate
+    del samples
+    n_train = len(bundle.viewmats)
+    track = pose_track if pose_track is not None else pose_track_indices(n_frames, n_train, cfg.pose_stretch)
+    if len(track) < n_frames:
+        raise InputError(f"the pose track has {len(track)} frames, the audio needs {n_frames}",
+                         "give a pose track at least as long as the audio")
+    model, size = bundle.model, bundle.manifest.resolution
+    plate = torch.from_numpy(bundle.plate.astype(np.float32) / 255.0)
+    K = torch.from_numpy(bundle.K)
+    render_start = time.perf_counter()
+    with media.VideoWriter(out, size, size, fps, audio=audio_path) as writer:
+        for first in range(0, n_frames, cfg.chunk_frames):
+            frames = np.arange(first, min(first + cfg.chunk_frames, n_frames))
+            source = track[frames]
+            cond = FrameConditions(audio=model.audio_encoder.windows(features, frames),
+                                   eye=torch.from_numpy(eye_openness(bundle.blink[source]).astype(np.float32)),
+                                   viewmats=torch.from_numpy(bundle.viewmats[source]),
+                                   track_frames=torch.from_numpy(source))
+            heads, torsos = model.frames(cond)
+            rgb = render_avatar(heads, torsos, cond.viewmats, K, plate).rgb.clamp(0, 1)
+            for image in (rgb * 255).round().byte().numpy():
+                writer.write(image)
+            if progress:
+                progress(int(frames[-1]) + 1, n_frames)
+    return DubManifest(audio_name=Path(audio_path).name, audio_duration_s=duration, n_frames=n_frames,
+                       fps=fps, resolution=size, render_s=time.perf_counter() - render_start,
+                       wall_s=time.perf_counter() - start)

@@ -1,0 +1,280 @@
+"""Differentiable 3D Gaussian rasterisation with two backends behind one function.
+
+``rasterization`` follows gsplat's ``rasterization()`` signature and conventions, so the
+two backends are interchangeable:
+
+- ``gsplat``: gsplat's CUDA kernels (tensors on a CUDA device, gsplat installed);
+- ``torch``: our pure-PyTorch reference, on any device, differentiable by autograd.
+
+Conventions (gsplat's): ``viewmats`` are world-to-camera (OpenCV axes: +x right, +y down,
++z forward); ``Ks`` are pixel intrinsics; a pixel (i, j) is evaluated at its centre
+(j + 0.5, i + 0.5); quaternions are (w, x, y, z) and normalised here; colours are either
+(N, 3) or SH coefficients (N, K, 3) with ``sh_degree`` (evaluated from the camera centre
+to each mean, + 0.5, clamped at 0).
+
+The reference reproduces gsplat's maths exactly: EWA projection with the Jacobian clamped
+to 1.3x the field of view, ``eps2d`` blur (with opacity compensation in ``antialiased``
+mode), a 3.33-sigma (or opacity-limited) footprint, alpha = min(0.999, o exp(-sigma))
+skipped below 1/255, and front-to-back compositing in depth order that stops before
+transmittance falls to 1e-4. Instead of tiles it builds the sparse list of (pixel,
+Gaussian) pairs inside each Gaussian's footprint, sorts it by (pixel, depth) and
+composites with a segmented cumulative product (a cumulative sum of log(1 - alpha)).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+ALPHA_THRESHOLD = 1.0 / 255.0
+MAX_ALPHA = 0.999
+MIN_TRANSMITTANCE = 1e-4
+FOOTPRINT_SIGMAS = 3.33
+SH_C0 = 0.28209479177387814
+SH_C1 = 0.4886025119029199
+SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
+SH_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154, -0.4570457994644658,
+         1.445305721320277, -0.5900435899266435)
+
+RenderMode = Literal["RGB", "RGB+D", "RGB+ED"]
+
+
+def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
+    """(..., 4) quaternions (w, x, y, z), any norm -> (..., 3, 3) rotation matrices."""
+    w, x, y, z = F.normalize(quats, dim=-1).unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], dim=-1).reshape(*quats.shape[:-1], 3, 3)
+
+
+def sh_basis(degree: int, dirs: torch.Tensor) -> torch.Tensor:
+    """Real SH basis up to ``degree`` (0-3) at unit directions (..., 3) -> (..., (degree+1)^2)."""
+    x, y, z = dirs.unbind(-1)
+    out = [torch.full_like(x, SH_C0)]
+    if degree >= 1:
+        out += [-SH_C1 * y, SH_C1 * z, -SH_C1 * x]
+    if degree >= 2:
+        xx, yy, zz = x * x, y * y, z * z
+        out += [SH_C2[0] * x * y, SH_C2[1] * y * z, SH_C2[2] * (2 * zz - xx - yy), SH_C2[3] * x * z,
+                SH_C2[4] * (xx - yy)]
+    if degree >= 3:
+        out += [SH_C3[0] * y * (3 * xx - yy), SH_C3[1] * x * y * z, SH_C3[2] * y * (4 * zz - xx - yy),
+                SH_C3[3] * z * (2 * zz - 3 * xx - 3 * yy), SH_C3[4] * x * (4 * zz - xx - yy),
+                SH_C3[5] * z * (xx - yy), SH_C3[6] * x * (xx - 3 * yy)]
+    return torch.stack(out, dim=-1)
+
+
+def sh_colors(degree: int, dirs: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """Colours from SH coefficients (..., K, 3) seen along ``dirs`` (..., 3), as gsplat: +0.5, >= 0."""
+    basis = sh_basis(degree, F.normalize(dirs, dim=-1))
+    return torch.clamp_min((basis[..., None] * coeffs[..., : basis.shape[-1], :]).sum(-2) + 0.5, 0.0)
+
+
+def project(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Tensor, viewmat: torch.Tensor,
+            K: torch.Tensor, width: int, height: int, eps2d: float, near: float, far: float, antialiased: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EWA projection of N Gaussians into one camera.
+
+    Returns means2d (N, 2), conics (N, 3) [a, b, c] of the blurred inverse covariance,
+    depths (N,), radii (N, 2) int (0 = culled), the opacities used for compositing (times
+    the antialiasing compensation) and the valid mask (N,).
+    """
+    R, t = viewmat[:3, :3], viewmat[:3, 3]
+    mean_c = means @ R.T + t
+    cov_c = R @ covars @ R.T
+    x, y, z = mean_c.unbind(-1)
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    in_depth = (z >= near) & (z <= far)
+    zs = torch.where(in_depth, z, torch.ones_like(z))  # keep culled rows finite for autograd
+    tan_x, tan_y = 0.5 * width / fx, 0.5 * height / fy
+    tx = zs * torch.clamp(x / zs, -(cx / fx + 0.3 * tan_x), (width - cx) / fx + 0.3 * tan_x)
+    ty = zs * torch.clamp(y / zs, -(cy / fy + 0.3 * tan_y), (height - cy) / fy + 0.3 * tan_y)
+    zero = torch.zeros_like(zs)
+    J = torch.stack([torch.stack([fx / zs, zero, -fx * tx / zs ** 2], -1),
+                     torch.stack([zero, fy / zs, -fy * ty / zs ** 2], -1)], dim=-2)  # (N, 2, 3)
+    cov2d = J @ cov_c @ J.transpose(-1, -2)
+    means2d = torch.stack([fx * x / zs + cx, fy * y / zs + cy], -1)
+    a, b, c = cov2d[:, 0, 0], cov2d[:, 0, 1], cov2d[:, 1, 1]
+    det_orig = a * c - b * b
+    a, c = a + eps2d, c + eps2d
+    det = a * c - b * b
+    if antialiased:
+        opacities = opacities * torch.sqrt(torch.clamp_min(det_orig / torch.where(det > 0, det, torch.ones_like(det)), 0.0))
+    valid = in_depth & (det > 0)
+    safe_det = torch.where(valid, det, torch.ones_like(det))
+    conics = torch.stack([c / safe_det, -b / safe_det, a / safe_det], -1)
+    with torch.no_grad():
+        # footprint: 3.33 sigma, less for faint Gaussians (where o exp(-r^2/2) reaches 1/255)
+        o = opacities.detach()
+        valid = valid & (o >= ALPHA_THRESHOLD)
+        extend = torch.clamp(torch.sqrt(2 * torch.log(torch.clamp_min(o / ALPHA_THRESHOLD, 1.0))), max=FOOTPRINT_SIGMAS)
+        radii = torch.ceil(extend[:, None] * torch.sqrt(torch.stack([a, c], -1).detach().clamp_min(0)))
+        on_screen = ((means2d[:, 0] + radii[:, 0] > 0) & (means2d[:, 0] - radii[:, 0] < width)
+                     & (means2d[:, 1] + radii[:, 1] > 0) & (means2d[:, 1] - radii[:, 1] < height))
+        valid = valid & on_screen & (radii > 0).all(-1)
+        radii = torch.where(valid[:, None], radii, torch.zeros_like(radii)).long()
+    return means2d, conics, z, radii, opacities, valid
+
+
+def _pairs(means2d: torch.Tensor, radii: torch.Tensor, valid: torch.Tensor, width: int, height: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (gaussian id, pixel id) pairs with the pixel inside the Gaussian's footprint box."""
+    ids = torch.nonzero(valid).squeeze(1)
+    if ids.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=means2d.device)
+        return empty, empty
+    m, r = means2d[ids].detach(), radii[ids]
+    # pixel centres j + 0.5 within [mean - r, mean + r]
+    x0 = torch.clamp(torch.ceil(m[:, 0] - r[:, 0] - 0.5), 0, width).long()
+    x1 = torch.clamp(torch.floor(m[:, 0] + r[:, 0] - 0.5) + 1, 0, width).long()
+    y0 = torch.clamp(torch.ceil(m[:, 1] - r[:, 1] - 0.5), 0, height).long()
+    y1 = torch.clamp(torch.floor(m[:, 1] + r[:, 1] - 0.5) + 1, 0, height).long()
+    w, h = (x1 - x0).clamp_min(0), (y1 - y0).clamp_min(0)
+    counts = w * h
+    gauss = torch.repeat_interleave(ids, counts)
+    local = torch.arange(int(counts.sum()), device=means2d.device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts)
+    wg = torch.repeat_interleave(w, counts)
+    px = torch.repeat_interleave(x0, counts) + local % wg
+    py = torch.repeat_interleave(y0, counts) + local // wg
+    return gauss, py * width + px
+
+
+def _rasterize_reference(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
+                         colors: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int,
+                         near: float, far: float, eps2d: float, sh_degree: int | None, background: torch.Tensor | None,
+                         render_mode: RenderMode, antialiased: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    Rg = quat_to_rotmat(quats)
+    M = Rg * scales[:, None, :]
+    covars = M @ M.transpose(-1, -2)
+    means2d, conics, depths, radii, opac, valid = project(means, covars, opacities, viewmat, K, width, height, eps2d,
+                                                          near, far, antialiased)
+    if sh_degree is not None:
+        campos = -viewmat[:3, :3].T @ viewmat[:3, 3]
+        rgb = sh_colors(sh_degree, means - campos, colors)
+    else:
+        rgb = colors
+    channels = [rgb]
+    if render_mode in ("RGB+D", "RGB+ED"):
+        channels.append(depths[:, None])
+    feats = torch.cat(channels, -1)
+    n_pix = width * height
+    gauss, pix = _pairs(means2d, radii, valid, width, height)
+    with torch.no_grad():
+        d = means2d.detach()[gauss] - torch.stack([(pix % width).to(means2d.dtype) + 0.5,
+                                                    (pix // width).to(means2d.dtype) + 0.5], -1)
+        con = conics.detach()[gauss]
+        sigma = 0.5 * (con[:, 0] * d[:, 0] ** 2 + con[:, 2] * d[:, 1] ** 2) + con[:, 1] * d[:, 0] * d[:, 1]
+        alpha = torch.clamp(opac.detach()[gauss] * torch.exp(-sigma), max=MAX_ALPHA)
+        keep = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
+        gauss, pix = gauss[keep], pix[keep]
+        # sort by (pixel, depth): depth rank breaks ties inside a pixel's run
+        depth_rank = torch.empty_like(depths, dtype=torch.long)
+        depth_rank[torch.argsort(depths.detach())] = torch.arange(len(depths), device=depths.device)
+        order = torch.argsort(pix * len(depths) + depth_rank[gauss])
+        gauss, pix = gauss[order], pix[order]
+    # differentiable alpha of the kept pairs
+    d = means2d[gauss] - torch.stack([(pix % width).to(means2d.dtype) + 0.5, (pix // width).to(means2d.dtype) + 0.5], -1)
+    con = conics[gauss]
+    sigma = 0.5 * (con[:, 0] * d[:, 0] ** 2 + con[:, 2] * d[:, 1] ** 2) + con[:, 1] * d[:, 0] * d[:, 1]
+    alpha = torch.clamp(opac[gauss] * torch.exp(-sigma), max=MAX_ALPHA)
+    # transmittance before each pair = exp(sum of log(1 - alpha) of the earlier pairs of its pixel)
+    log_keep = torch.log1p(-alpha).double()
+    inclusive = torch.cumsum(log_keep, 0)
+    with torch.no_grad():
+        run_start = torch.ones_like(pix, dtype=torch.bool)
+        run_start[1:] = pix[1:] != pix[:-1]
+        start_idx = torch.cummax(torch.where(run_start, torch.arange(len(pix), device=pix.device), 0), 0).values
+    exclusive = inclusive - log_keep
+    before = exclusive - exclusive[start_idx]
+    T = torch.exp(before).to(alpha.dtype)
+    with torch.no_grad():
+        included = T * (1 - alpha) > MIN_TRANSMITTANCE  # gsplat stops before T drops to 1e-4
+    weight = torch.where(included, alpha * T, torch.zeros_like(alpha))
+    out = torch.zeros(n_pix, feats.shape[-1], dtype=feats.dtype, device=feats.device)
+    out = out.index_add(0, pix, weight[:, None] * feats[gauss])
+    acc = torch.zeros(n_pix, dtype=weight.dtype, device=weight.device).index_add(0, pix, weight)
+    image = out.reshape(height, width, -1)
+    alpha_img = acc.reshape(height, width, 1)
+    if render_mode == "RGB+ED":
+        image = torch.cat([image[..., :-1], image[..., -1:] / alpha_img.clamp_min(1e-10)], -1)
+    if background is not None:
+        bg = torch.cat([background, background.new_zeros(image.shape[-1] - background.shape[-1])])
+        image = image + (1 - alpha_img) * bg
+    meta = {"means2d": means2d, "radii": radii, "depths": depths, "conics": conics, "opacities": opac,
+            "n_pairs": int(len(pix))}
+    return image, alpha_img, meta
+
+
+def rasterization(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
+                  colors: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor, width: int, height: int,
+                  near_plane: float = 0.01, far_plane: float = 1e10, sh_degree: int | None = None,
+                  backgrounds: torch.Tensor | None = None, render_mode: RenderMode = "RGB", eps2d: float = 0.3,
+                  rasterize_mode: Literal["classic", "antialiased"] = "classic",
+                  backend: Literal["auto", "torch", "gsplat"] = "auto"
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Render N Gaussians into C cameras.
+
+    Args (gsplat's): means (N, 3); quats (N, 4) w,x,y,z; scales (N, 3) (activated); opacities
+    (N,) in [0, 1]; colors (N, D) or SH coefficients (N, K, 3) with ``sh_degree``; viewmats
+    (C, 4, 4) world-to-camera; Ks (C, 3, 3); backgrounds (C, D) optional.
+    Returns render_colors (C, H, W, D[+1 depth]), render_alphas (C, H, W, 1) and meta. In the
+    meta: ``means2d`` keeps its gradient (read it with ``means2d_grads``, for densification),
+    ``radii`` (C, N, 2), 0 where culled.
+    """
+    if backend == "auto":
+        backend = "gsplat" if means.is_cuda and _gsplat_available() else "torch"
+    if backend == "gsplat":
+        return _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
+                                 far_plane, sh_degree, backgrounds, render_mode, eps2d, rasterize_mode)
+    images, alphas, metas = [], [], []
+    for c in range(len(viewmats)):
+        image, alpha, meta = _rasterize_reference(
+            means, quats, scales, opacities, colors, viewmats[c], Ks[c], width, height, near_plane, far_plane, eps2d,
+            sh_degree, None if backgrounds is None else backgrounds[c], render_mode, rasterize_mode == "antialiased")
+        if meta["means2d"].requires_grad:
+            meta["means2d"].retain_grad()
+        images.append(image)
+        alphas.append(alpha)
+        metas.append(meta)
+    meta = {"means2d": [m["means2d"] for m in metas], "radii": torch.stack([m["radii"] for m in metas]),
+            "depths": torch.stack([m["depths"] for m in metas]), "n_pairs": sum(m["n_pairs"] for m in metas),
+            "width": width, "height": height, "backend": "torch"}
+    return torch.stack(images), torch.stack(alphas), meta
+
+
+def _gsplat_available() -> bool:
+    try:
+        import gsplat  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, far_plane,
+                      sh_degree, backgrounds, render_mode, eps2d, rasterize_mode):
+    if not means.is_cuda:
+        # on a CPU tensor gsplat tries to JIT-compile CUDA kernels and fails obscurely
+        raise ValueError("the gsplat backend needs CUDA tensors; use backend='torch' on the CPU")
+    import gsplat
+
+    images, alphas, meta = gsplat.rasterization(
+        means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane=near_plane,
+        far_plane=far_plane, sh_degree=sh_degree, backgrounds=backgrounds, render_mode=render_mode, eps2d=eps2d,
+        rasterize_mode=rasterize_mode, packed=False)
+    meta["backend"] = "gsplat"
+    if meta["means2d"].requires_grad:
+        meta["means2d"].retain_grad()
+    return images, alphas, meta
+
+
+def means2d_grads(meta: dict) -> torch.Tensor:
+    """(C, N, 2) gradient of the loss w.r.t. the projected means (after ``backward``), either backend."""
+    m = meta["means2d"]
+    if isinstance(m, list):
+        return torch.stack([t.grad if t.grad is not None else torch.zeros_like(t) for t in m])
+    return m.grad if m.grad is not None else torch.zeros_like(m)

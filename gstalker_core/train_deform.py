@@ -1,0 +1,159 @@
+"""Deformation training: audio-driven face field, pose-driven torso field, on top of the static fit.
+
+Schedule (``TrainConfig``): the networks train alone first, from the static fit (their last
+layers start at zero); at ``unfreeze_step`` the static Gaussians join at a reduced learning
+rate; from ``lip_start`` the mouth box (from the tracked mouth landmarks) weighs more.
+Every ``checkpoint_every`` steps the full state (parameters, optimiser, step, RNGs) goes to
+the store, and frames are drawn as a pure function of (seed, step), so a run resumed after
+a crash ends with exactly the parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from . import __version__, audio, tracking
+from .avatar import render_avatar
+from .bundle import FORMAT_VERSION, Bundle, BundleManifest, save_bundle
+from .config import PipelineConfig, TrainConfig
+from .lipsync import MOUTH_POINTS
+from .metrics import psnr
+from .render.gaussians import GaussianModel
+from .static_fit import HEAD, TORSO, frame_targets, layer_losses, read_plate
+from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, run_stage
+from .storage.checkpoints import Checkpoints
+from .talking_head import FrameConditions, TalkingHead, eye_openness
+from .tracking import SpeakerDataset
+
+STAGE = "deform"
+CODE_VERSION = "1"
+
+Progress = Callable[[int, Optional[int], dict], None]
+
+
+class DeformTrainManifest(BaseModel):
+    iterations: int
+    wall_s: float
+    train_psnr: float  # mean over the last 100 steps
+    resumed_from: int
+
+
+def mouth_weights(landmarks: np.ndarray, size: int, margin: float = 0.3) -> np.ndarray:
+    """(H, W) mask of the mouth box (mouth landmarks' extent grown by ``margin``)."""
+    pts = landmarks[MOUTH_POINTS, :2]
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    pad = (hi - lo) * margin
+    (x0, y0), (x1, y1) = np.floor(lo - pad).astype(int), np.ceil(hi + pad).astype(int)
+    mask = np.zeros((size, size), np.float32)
+    mask[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 1.0
+    return mask
+
+
+def conditions_for(model: TalkingHead, dataset: SpeakerDataset, features: np.ndarray, frames: list[int],
+                   n_train: int) -> FrameConditions:
+    """Conditions of clip frames ``frames`` from the clip's own audio, blink and poses."""
+    a = dataset.arrays
+    return FrameConditions(
+        audio=model.audio_encoder.windows(features, frames),
+        eye=torch.from_numpy(eye_openness(a.blink[frames]).astype(np.float32)),
+        viewmats=torch.from_numpy(a.viewmats[frames]),
+        track_frames=torch.as_tensor(np.minimum(frames, n_train - 1)))
+
+
+def make_optimizer(model: TalkingHead, cfg: TrainConfig) -> torch.optim.Adam:
+    nets = [*model.audio_encoder.parameters(), *model.face_field.parameters(), *model.torso_field.parameters()]
+    static = [*model.head.parameters(), *model.torso.parameters()]
+    return torch.optim.Adam([{"params": nets, "lr": cfg.lr_networks, "name": "networks"},
+                             {"params": static, "lr": 0.0, "name": "static"}])
+
+
+def train_deformation(model: TalkingHead, train: SpeakerDataset, plate: np.ndarray, features: np.ndarray,
+                      cfg: TrainConfig, checkpoints: Checkpoints | None = None, progress: Progress | None = None
+                      ) -> DeformTrainManifest:
+    start_time = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    optimizer = make_optimizer(model, cfg)
+    step0 = 0
+    saved = checkpoints.load() if checkpoints else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        step0 = saved["step"]
+    plate_t = torch.from_numpy(plate.astype(np.float32) / 255.0)
+    K = torch.from_numpy(train.arrays.K)
+    size = plate.shape[0]
+    n_train = len(train.indices)
+    recent: list[float] = []
+    for step in range(step0, cfg.iterations):
+        if step >= cfg.unfreeze_step:
+            optimizer.param_groups[1]["lr"] = cfg.lr_networks * cfg.static_lr_scale
+        frames = [train.index_at(step * cfg.frames_per_step + k) for k in range(cfg.frames_per_step)]
+        samples = [train.sample(i) for i in frames]
+        cond = conditions_for(model, train, features, frames, n_train)
+        heads, torsos = model.frames(cond)
+        layers = render_avatar(heads, torsos, cond.viewmats, K, plate_t)
+        targets = [frame_targets(s, plate) for s in samples]
+        target = {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
+        losses = layer_losses(layers, target, plate_t, cfg.ssim_weight)
+        loss = losses["composite"] + cfg.layer_loss_weight * (losses["head"] + losses["torso"])
+        if step >= cfg.lip_start and cfg.lip_weight > 0:
+            mouth = torch.from_numpy(np.stack([mouth_weights(train.arrays.landmarks[i], size) for i in frames]))[..., None]
+            loss = loss + cfg.lip_weight * ((layers.rgb - target["rgb"]).abs() * mouth).sum() / mouth.sum().clamp_min(1)
+        loss = loss + cfg.latent_smoothness_weight * model.torso_field.latent_smoothness()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        recent = (recent + [psnr(layers.rgb.detach(), target["rgb"])])[-100:]
+        if progress:
+            progress(step + 1, cfg.iterations, {"loss": loss.item(), "psnr": recent[-1]})
+        if checkpoints and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.iterations:
+            checkpoints.save({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    return DeformTrainManifest(iterations=cfg.iterations, wall_s=time.perf_counter() - start_time,
+                               train_psnr=float(np.mean(recent)) if recent else 0.0, resumed_from=step0)
+
+
+# -- the stage: trains and publishes the model bundle --------------------------------------
+
+def _inputs(track_run: StageManifest, audio_run: StageManifest, static_run: StageManifest) -> dict[str, str]:
+    return {"track": track_run.key, "audio": audio_run.key, "static": static_run.key}
+
+
+def stage_key(track_run: StageManifest, audio_run: StageManifest, static_run: StageManifest,
+              cfg: PipelineConfig) -> str:
+    return content_key(STAGE, CODE_VERSION, {"deform": cfg.deform, "train": cfg.train},
+                       _inputs(track_run, audio_run, static_run))
+
+
+def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifest, audio_run: StageManifest,
+        static_run: StageManifest, cfg: PipelineConfig, progress: Progress | None = None) -> StageRun:
+    """The ``deform`` stage: trains the deformation and publishes the model bundle as its parts."""
+    key = stage_key(track_run, audio_run, static_run, cfg)
+    checkpoints = Checkpoints(store, STAGE, key)
+
+    def build(workdir) -> dict:
+        train = tracking.open_dataset(store, track_run, ingest_run, cfg.cache_dir, split="train", seed=cfg.train.seed)
+        features = audio.load_features(store, audio_run, cfg.cache_dir)
+        spec = audio.AudioFeaturesMeta.model_validate(audio_run.meta).spec
+        plate = read_plate(store, track_run, cfg.cache_dir)
+        head = GaussianModel.load(fetch_part(store, static_run, HEAD, cfg.cache_dir))
+        torso = GaussianModel.load(fetch_part(store, static_run, TORSO, cfg.cache_dir))
+        viewmats = train.arrays.viewmats[train.indices]
+        model = TalkingHead(cfg.deform, head, torso, spec.n_features, cfg.audio.step_window, torch.from_numpy(viewmats))
+        report = train_deformation(model, train, plate, features, cfg.train, checkpoints, progress)
+        manifest = BundleManifest(format_version=FORMAT_VERSION, gstalker_version=__version__,
+                                  resolution=plate.shape[0], fps=25, audio_spec=spec,
+                                  step_window=cfg.audio.step_window, deform=cfg.deform,
+                                  n_train_frames=len(train.indices), sources=_inputs(track_run, audio_run, static_run))
+        save_bundle(Bundle(manifest, model, viewmats, train.arrays.blink[train.indices], train.arrays.K, plate),
+                    workdir)
+        return {"bundle": manifest.model_dump(mode="json"), "training": report.model_dump(mode="json")}
+
+    result = run_stage(store, stage=STAGE, code_version=CODE_VERSION, config={"deform": cfg.deform, "train": cfg.train},
+                       inputs=_inputs(track_run, audio_run, static_run), build=build, cache_dir=cfg.cache_dir)
+    checkpoints.clear()
+    return result
