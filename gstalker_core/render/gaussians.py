@@ -117,9 +117,11 @@ class GaussianModel(nn.Module):
         max_scale = torch.exp(self.log_scales.detach()).max(-1).values
         extent = self.scene_extent()
         small = max_scale <= c.dense_scale_fraction * extent
+        alive = (torch.sigmoid(self.opacity_logits.detach()) > c.prune_opacity) & (
+            max_scale <= c.prune_scale_fraction * extent)
         room = max(c.max_gaussians - len(self), 0)
-        clone = big_grad & small
-        split = big_grad & ~small
+        clone = big_grad & small & alive
+        split = big_grad & ~small & alive
         clone &= torch.cumsum(clone.long(), 0) <= room // 2
         split &= torch.cumsum(split.long(), 0) <= room // 4
         new = {}
@@ -133,9 +135,7 @@ class GaussianModel(nn.Module):
             pieces["means"] = pieces["means"] + offsets
             pieces["log_scales"] = torch.log(scales / 1.6)
             new = {p: torch.cat([new[p], pieces[p]]) if p in new else pieces[p] for p in PARAMS}
-        keep = ~split
-        keep &= torch.sigmoid(self.opacity_logits.detach()) > c.prune_opacity
-        keep &= max_scale <= c.prune_scale_fraction * extent
+        keep = ~split & alive
         self._surgery(optimizer, keep, new)
         self._reset_stats()
 

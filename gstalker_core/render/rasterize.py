@@ -120,6 +120,15 @@ def project(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Tensor, 
     return means2d, conics, z, radii, opacities, valid
 
 
+def _boxes(means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, ...]:
+    """Pixel ranges [x0, x1) x [y0, y1) whose centres (j + 0.5) lie within mean +- radius."""
+    x0 = torch.clamp(torch.ceil(means2d[:, 0] - radii[:, 0] - 0.5), 0, width).long()
+    x1 = torch.clamp(torch.floor(means2d[:, 0] + radii[:, 0] - 0.5) + 1, 0, width).long()
+    y0 = torch.clamp(torch.ceil(means2d[:, 1] - radii[:, 1] - 0.5), 0, height).long()
+    y1 = torch.clamp(torch.floor(means2d[:, 1] + radii[:, 1] - 0.5) + 1, 0, height).long()
+    return x0, torch.maximum(x1, x0), y0, torch.maximum(y1, y0)
+
+
 def _pairs(means2d: torch.Tensor, radii: torch.Tensor, valid: torch.Tensor, width: int, height: int
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """All (gaussian id, pixel id) pairs with the pixel inside the Gaussian's footprint box."""
@@ -127,12 +136,7 @@ def _pairs(means2d: torch.Tensor, radii: torch.Tensor, valid: torch.Tensor, widt
     if ids.numel() == 0:
         empty = torch.zeros(0, dtype=torch.long, device=means2d.device)
         return empty, empty
-    m, r = means2d[ids].detach(), radii[ids]
-    # pixel centres j + 0.5 within [mean - r, mean + r]
-    x0 = torch.clamp(torch.ceil(m[:, 0] - r[:, 0] - 0.5), 0, width).long()
-    x1 = torch.clamp(torch.floor(m[:, 0] + r[:, 0] - 0.5) + 1, 0, width).long()
-    y0 = torch.clamp(torch.ceil(m[:, 1] - r[:, 1] - 0.5), 0, height).long()
-    y1 = torch.clamp(torch.floor(m[:, 1] + r[:, 1] - 0.5) + 1, 0, height).long()
+    x0, x1, y0, y1 = _boxes(means2d[ids].detach(), radii[ids], width, height)
     w, h = (x1 - x0).clamp_min(0), (y1 - y0).clamp_min(0)
     counts = w * h
     gauss = torch.repeat_interleave(ids, counts)
@@ -142,6 +146,66 @@ def _pairs(means2d: torch.Tensor, radii: torch.Tensor, valid: torch.Tensor, widt
     px = torch.repeat_interleave(x0, counts) + local % wg
     py = torch.repeat_interleave(y0, counts) + local // wg
     return gauss, py * width + px
+
+
+def _pair_alphas(gauss: torch.Tensor, pix: torch.Tensor, means2d: torch.Tensor, conics: torch.Tensor,
+                 opac: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma, alpha) of each (Gaussian, pixel) pair, evaluated at the pixel centre."""
+    d = means2d[gauss] - torch.stack([(pix % width).to(means2d.dtype) + 0.5, (pix // width).to(means2d.dtype) + 0.5], -1)
+    con = conics[gauss]
+    sigma = 0.5 * (con[:, 0] * d[:, 0] ** 2 + con[:, 2] * d[:, 1] ** 2) + con[:, 1] * d[:, 0] * d[:, 1]
+    return sigma, torch.clamp(opac[gauss] * torch.exp(-sigma), max=MAX_ALPHA)
+
+
+@torch.no_grad()
+def _contributing_pairs(means2d: torch.Tensor, conics: torch.Tensor, opac: torch.Tensor, depths: torch.Tensor,
+                        radii: torch.Tensor, valid: torch.Tensor, width: int, height: int, chunks: int = 8
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (Gaussian, pixel) pairs that contribute to the image, sorted by (pixel, depth).
+
+    Gaussians are visited front to back in ``chunks`` depth slices. After each slice the
+    pixels whose transmittance fell below 1e-4 are finished; a later Gaussian whose whole
+    footprint lies on finished pixels is skipped without generating its pairs (a summed-area
+    table answers that in O(1)), which removes most of the hidden back of a head.
+    """
+    order = torch.nonzero(valid).squeeze(1)
+    order = order[torch.argsort(depths[order])]
+    transmittance = torch.ones(height * width, dtype=torch.float64, device=means2d.device)
+    finished = torch.zeros(height * width, dtype=torch.bool, device=means2d.device)  # gsplat's early stop fired
+    kept_g, kept_p = [], []
+    for ids in torch.tensor_split(order, chunks):
+        if ids.numel() == 0:
+            continue
+        if kept_g:  # skip Gaussians whose footprint is entirely on finished pixels
+            open_px = (~finished).reshape(height, width).long()
+            table = F.pad(open_px.cumsum(0).cumsum(1), (1, 0, 1, 0))
+            x0, x1, y0, y1 = _boxes(means2d[ids], radii[ids], width, height)
+            n_open = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+            ids = ids[n_open > 0]
+        mask = torch.zeros_like(valid)
+        mask[ids] = True
+        gauss, pix = _pairs(means2d, radii, mask, width, height)
+        sigma, alpha = _pair_alphas(gauss, pix, means2d, conics, opac, width)
+        keep = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD) & ~finished[pix]
+        gauss, pix, alpha = gauss[keep], pix[keep], alpha[keep]
+        rank = torch.empty(len(depths), dtype=torch.long, device=depths.device)
+        rank[ids] = torch.arange(len(ids), device=depths.device)  # ids are in depth order
+        sort = torch.argsort(pix * len(depths) + rank[gauss])
+        gauss, pix, alpha = gauss[sort], pix[sort], alpha[sort]
+        log_keep = torch.log1p(-alpha).double()
+        T = transmittance[pix] * torch.exp(_segment_exclusive_cumsum(log_keep, pix))
+        included = T * (1 - alpha) > MIN_TRANSMITTANCE  # gsplat stops before T reaches 1e-4
+        finished[pix[~included]] = True
+        gauss, pix = gauss[included], pix[included]
+        transmittance *= torch.exp(torch.zeros_like(transmittance).index_add(0, pix, log_keep[included]))
+        kept_g.append(gauss)
+        kept_p.append(pix)
+    if not kept_g:
+        empty = torch.zeros(0, dtype=torch.long, device=means2d.device)
+        return empty, empty
+    gauss, pix = torch.cat(kept_g), torch.cat(kept_p)
+    sort = torch.sort(pix, stable=True).indices  # slices are in depth order: a stable sort keeps it
+    return gauss[sort], pix[sort]
 
 
 def _rasterize_reference(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
@@ -163,38 +227,12 @@ def _rasterize_reference(means: torch.Tensor, quats: torch.Tensor, scales: torch
         channels.append(depths[:, None])
     feats = torch.cat(channels, -1)
     n_pix = width * height
-    gauss, pix = _pairs(means2d, radii, valid, width, height)
-    with torch.no_grad():
-        d = means2d.detach()[gauss] - torch.stack([(pix % width).to(means2d.dtype) + 0.5,
-                                                    (pix // width).to(means2d.dtype) + 0.5], -1)
-        con = conics.detach()[gauss]
-        sigma = 0.5 * (con[:, 0] * d[:, 0] ** 2 + con[:, 2] * d[:, 1] ** 2) + con[:, 1] * d[:, 0] * d[:, 1]
-        alpha = torch.clamp(opac.detach()[gauss] * torch.exp(-sigma), max=MAX_ALPHA)
-        keep = (sigma >= 0) & (alpha >= ALPHA_THRESHOLD)
-        gauss, pix = gauss[keep], pix[keep]
-        # sort by (pixel, depth): depth rank breaks ties inside a pixel's run
-        depth_rank = torch.empty_like(depths, dtype=torch.long)
-        depth_rank[torch.argsort(depths.detach())] = torch.arange(len(depths), device=depths.device)
-        order = torch.argsort(pix * len(depths) + depth_rank[gauss])
-        gauss, pix = gauss[order], pix[order]
-    # differentiable alpha of the kept pairs
-    d = means2d[gauss] - torch.stack([(pix % width).to(means2d.dtype) + 0.5, (pix // width).to(means2d.dtype) + 0.5], -1)
-    con = conics[gauss]
-    sigma = 0.5 * (con[:, 0] * d[:, 0] ** 2 + con[:, 2] * d[:, 1] ** 2) + con[:, 1] * d[:, 0] * d[:, 1]
-    alpha = torch.clamp(opac[gauss] * torch.exp(-sigma), max=MAX_ALPHA)
-    # transmittance before each pair = exp(sum of log(1 - alpha) of the earlier pairs of its pixel)
-    log_keep = torch.log1p(-alpha).double()
-    inclusive = torch.cumsum(log_keep, 0)
-    with torch.no_grad():
-        run_start = torch.ones_like(pix, dtype=torch.bool)
-        run_start[1:] = pix[1:] != pix[:-1]
-        start_idx = torch.cummax(torch.where(run_start, torch.arange(len(pix), device=pix.device), 0), 0).values
-    exclusive = inclusive - log_keep
-    before = exclusive - exclusive[start_idx]
-    T = torch.exp(before).to(alpha.dtype)
-    with torch.no_grad():
-        included = T * (1 - alpha) > MIN_TRANSMITTANCE  # gsplat stops before T drops to 1e-4
-    weight = torch.where(included, alpha * T, torch.zeros_like(alpha))
+    gauss, pix = _contributing_pairs(means2d.detach(), conics.detach(), opac.detach(), depths.detach(), radii, valid,
+                                     width, height)
+    # differentiable alpha and transmittance of the contributing pairs
+    _, alpha = _pair_alphas(gauss, pix, means2d, conics, opac, width)
+    T = torch.exp(_segment_exclusive_cumsum(torch.log1p(-alpha).double(), pix)).to(alpha.dtype)
+    weight = alpha * T
     out = torch.zeros(n_pix, feats.shape[-1], dtype=feats.dtype, device=feats.device)
     out = out.index_add(0, pix, weight[:, None] * feats[gauss])
     acc = torch.zeros(n_pix, dtype=weight.dtype, device=weight.device).index_add(0, pix, weight)
@@ -208,6 +246,17 @@ def _rasterize_reference(means: torch.Tensor, quats: torch.Tensor, scales: torch
     meta = {"means2d": means2d, "radii": radii, "depths": depths, "conics": conics, "opacities": opac,
             "n_pairs": int(len(pix))}
     return image, alpha_img, meta
+
+
+def _segment_exclusive_cumsum(values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Per-run exclusive prefix sums of ``values`` (runs = equal consecutive ``segments``)."""
+    inclusive = torch.cumsum(values, 0)
+    exclusive = inclusive - values
+    with torch.no_grad():
+        run_start = torch.ones_like(segments, dtype=torch.bool)
+        run_start[1:] = segments[1:] != segments[:-1]
+        first = torch.cummax(torch.where(run_start, torch.arange(len(segments), device=segments.device), 0), 0).values
+    return exclusive - exclusive[first]
 
 
 def rasterization(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
