@@ -134,6 +134,41 @@ def train(video: str = typer.Argument(..., help="local path or s3:// URL of the 
 
 
 @app.command()
+def dub(audio: str = typer.Argument(..., help="audio file (wav/mp3/m4a/..., or a video's sound), path or s3:// URL"),
+        speaker: str = typer.Option(..., "--speaker", help="a trained speaker"),
+        output: Optional[str] = typer.Option(None, "--output", "-o", help="also write the mp4 here"),
+        profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+        store: Optional[str] = StoreOpt) -> None:
+    """Make a trained speaker say AUDIO: an mp4 with the audio, in the store (cached) and at --output."""
+    import shutil
+    import time
+
+    from gstalker_core import dub as dubbing
+    from gstalker_core.naming import validate_speaker
+    from gstalker_core.storage import open_store
+
+    validate_speaker(speaker)
+    cfg = _config(profile, config, set_, store)
+    st = open_store(cfg)
+    start = time.perf_counter()
+    with _progress(f"dub {speaker}") as progress:
+        result = dubbing.run(st, speaker, audio, cfg, progress=progress)
+    if result.cache_hit:
+        out.print(f"already rendered: {result.key} in {cfg.store_url}")
+    else:
+        m = result.manifest
+        out.print(f"rendered {m.n_frames} frames ({m.audio_duration_s:.2f} s of audio) at {m.resolution} px in "
+                  f"{time.perf_counter() - start:.1f} s ({m.n_frames / m.render_s:.1f} frames/s): {result.key}")
+    if output:
+        local = st.local_path(result.key)
+        if local is not None:
+            shutil.copyfile(local, output)
+        else:
+            st.get_file(result.key, Path(output))
+        out.print(f"  written to {output}")
+
+
+@app.command()
 def submit(video: str = typer.Argument(..., help="local path (uploaded to the store) or s3:// URL of the speaker video"),
            speaker: str = typer.Option(..., "--speaker", help="speaker name: lower-case letters, digits, - and _"),
            profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,

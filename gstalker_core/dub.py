@@ -23,9 +23,12 @@ from . import media
 from .audio import check_spec, compute_features, spec_for
 from .avatar import render_avatar
 from .bundle import Bundle
-from .config import AudioConfig, DubConfig
+from .config import AudioConfig, DubConfig, PipelineConfig
 from .errors import InputError
 from .pose_track import pose_track_indices
+from .speakers import load_speaker, lookup
+from .storage import ArtifactStore, content_key, sha256_file
+from .storage.uploads import fetch_media
 from .talking_head import FrameConditions, eye_openness
 
 Progress = Callable[[int, Optional[int]], None]
@@ -104,3 +107,34 @@ def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: P
     return DubManifest(audio_name=Path(audio_path).name, audio_duration_s=duration, n_frames=n_frames,
                        fps=fps, resolution=size, render_s=time.perf_counter() - render_start,
                        wall_s=time.perf_counter() - start)
+
+
+class DubResult(BaseModel):
+    key: str  # the mp4 in the store
+    cache_hit: bool
+    manifest: DubManifest | None
+
+
+def output_key(speaker: str, bundle_key: str, audio_sha256: str, cfg: DubConfig) -> str:
+    return f"renders/{speaker}/{content_key('dub', '1', cfg, {'bundle': bundle_key, 'audio': audio_sha256})}.mp4"
+
+
+def run(store: ArtifactStore, speaker: str, audio_source: str, cfg: PipelineConfig, progress: Progress | None = None
+        ) -> DubResult:
+    """Dub ``audio_source`` (local path or s3:// URL) with ``speaker``'s model into the store, unless already there."""
+    entry = lookup(store, speaker)
+    path = fetch_media(audio_source, cfg)
+    media.probe(path)  # empty / missing / not media: a clear message before hashing
+    key = output_key(speaker, entry.bundle_key, sha256_file(path), cfg.dub)
+    if store.exists(key):
+        return DubResult(key=key, cache_hit=True, manifest=None)
+    bundle = load_speaker(store, speaker, cfg.cache_dir)
+    work = cfg.cache_dir / "tmp"
+    work.mkdir(parents=True, exist_ok=True)
+    local = work / Path(key).name
+    try:
+        manifest = dub(bundle, path, local, cfg.dub, progress)
+        store.put_file(key, local)  # visible only once complete
+    finally:
+        local.unlink(missing_ok=True)
+    return DubResult(key=key, cache_hit=False, manifest=manifest)

@@ -12,10 +12,8 @@ Stage parts: ``frames_<chunk>.npz`` (see ``gstalker_core.frames``) and ``audio.w
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Callable, Optional
-from urllib.parse import urlparse
 
 import numpy as np
 import soundfile
@@ -26,6 +24,7 @@ from .config import IngestConfig, PipelineConfig
 from .errors import InputError
 from .frames import ChunkReader, ChunkWriter
 from .mediapipe_models import solutions
+from .storage.uploads import fetch_media
 from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, fetch_stage, run_stage, sha256_file
 
 STAGE = "ingest"
@@ -66,26 +65,9 @@ class IngestManifest(BaseModel):
 
 # -- source ------------------------------------------------------------------------------
 
-def fetch_source(source: str, cfg: PipelineConfig) -> Path:
-    """A local path for ``source``: the path itself, or an ``s3://`` object downloaded to the cache."""
-    if not source.startswith("s3://"):
-        return Path(source).expanduser()
-    from .storage.s3 import S3Store
-
-    parsed = urlparse(source)
-    key = parsed.path.lstrip("/")
-    if not key:
-        raise InputError(f"{source} names a bucket, not a video", "give the full URL: s3://bucket/path/video.mp4")
-    dest = cfg.cache_dir / "sources" / hashlib.sha256(source.encode()).hexdigest()[:16] / Path(key).name
-    bucket = S3Store(f"s3://{parsed.netloc}", cfg.store)
-    if not bucket.exists(key):
-        raise InputError(f"{source} does not exist", "check the URL, e.g. with `aws s3 ls` on its folder")
-    return bucket.get_file(key, dest)
-
-
 def stage_key(source: str, cfg: PipelineConfig) -> str:
     """Content key of the ingest of ``source``: its bytes' hash + the ingest config + code version."""
-    return content_key(STAGE, CODE_VERSION, cfg.ingest, {"source": sha256_file(_checked_file(fetch_source(source, cfg)))})
+    return content_key(STAGE, CODE_VERSION, cfg.ingest, {"source": sha256_file(_checked_file(fetch_media(source, cfg)))})
 
 
 def _checked_file(path: Path) -> Path:
@@ -228,7 +210,7 @@ def build_ingest(path: Path, cfg: IngestConfig, workdir: Path, source_sha256: st
 
 def run(store: ArtifactStore, source: str, cfg: PipelineConfig, progress: Progress | None = None) -> StageRun:
     """The ``ingest`` stage of ``source`` (local path or s3:// URL), built unless already stored."""
-    path = _checked_file(fetch_source(source, cfg))
+    path = _checked_file(fetch_media(source, cfg))
     media.probe(path)  # fail on an empty or non-media file before hashing it
     digest = sha256_file(path)
     return run_stage(store, stage=STAGE, code_version=CODE_VERSION, config=cfg.ingest, inputs={"source": digest},

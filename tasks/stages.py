@@ -15,7 +15,7 @@ from typing import Any, Callable
 from prefect import get_run_logger, task
 from prefect.context import TaskRunContext
 
-from gstalker_core import audio, ingest, tracking
+from gstalker_core import audio, evaluate, ingest, speakers, static_fit, tracking, train_deform
 from gstalker_core.config import PipelineConfig
 from gstalker_core.errors import ConfigError, InputError
 from gstalker_core.storage import StageManifest, StageRun, open_store
@@ -69,3 +69,51 @@ def extract_audio_features(ingest_run: StageManifest, cfg: PipelineConfig, speak
       cache_key_fn=stage_cache_key(tracking.stage_key), **STAGE_TASK)
 def track_and_parse(ingest_run: StageManifest, cfg: PipelineConfig, speaker: str = "") -> StageManifest:
     return _report(tracking.run(open_store(cfg), ingest_run, cfg))
+
+
+# GPU stages carry the `gpu` tag: a Prefect tag concurrency limit keeps them to the GPUs a
+# worker has, while CPU stages of other speakers go on (see infra/README.md).
+@task(name="fit-static", task_run_name="fit-static-{speaker}", cache_key_fn=stage_cache_key(static_fit.stage_key),
+      tags=["gpu"], **STAGE_TASK)
+def fit_static(track_run: StageManifest, ingest_run: StageManifest, cfg: PipelineConfig, speaker: str = "") -> StageManifest:
+    return _report(static_fit.run(open_store(cfg), ingest_run, track_run, cfg, progress=_progress_logger("fit-static")))
+
+
+@task(name="train-deformation", task_run_name="train-deformation-{speaker}",
+      cache_key_fn=stage_cache_key(train_deform.stage_key), tags=["gpu"], **STAGE_TASK)
+def train_deformation(track_run: StageManifest, audio_run: StageManifest, static_run: StageManifest,
+                      cfg: PipelineConfig, ingest_run: StageManifest, speaker: str = "") -> StageManifest:
+    return _report(train_deform.run(open_store(cfg), ingest_run, track_run, audio_run, static_run, cfg,
+                                    progress=_progress_logger("train-deformation")))
+
+
+@task(name="evaluate", task_run_name="evaluate-{speaker}", cache_key_fn=stage_cache_key(evaluate.stage_key),
+      tags=["gpu"], **STAGE_TASK)
+def evaluate_model(bundle_run: StageManifest, ingest_run: StageManifest, cfg: PipelineConfig,
+                   track_run: StageManifest, audio_run: StageManifest, static_run: StageManifest,
+                   speaker: str = "") -> StageManifest:
+    return _report(evaluate.run(open_store(cfg), ingest_run, track_run, audio_run, static_run, bundle_run, cfg))
+
+
+@task(name="publish-speaker", task_run_name="publish-{speaker}", retries=2, retry_delay_seconds=5)
+def publish_speaker(speaker: str, bundle_run: StageManifest, evaluation_run: StageManifest, video: str,
+                    cfg: PipelineConfig) -> str:
+    entry = speakers.publish(open_store(cfg), speaker, bundle_run, evaluation_run, video, cfg.profile)
+    return speakers.pointer_key(entry.speaker)
+
+
+def _progress_logger(stage: str, every_s: float = 30.0):
+    """A progress callback that logs (step, loss, PSNR) at most every ``every_s`` seconds."""
+    import time
+
+    logger = get_run_logger()
+    last = [0.0]
+
+    def report(done: int, total: int | None, info: dict | None = None) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every_s or done == total:
+            last[0] = now
+            details = ", ".join(f"{k} {v:.4g}" for k, v in (info or {}).items())
+            logger.info("%s: step %d/%s %s", stage, done, total, details)
+
+    return report

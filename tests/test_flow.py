@@ -29,16 +29,16 @@ def test_second_run_is_cached_and_a_config_change_reruns_only_its_stage(prefect_
     first = train_speaker(video, "tiny-speaker", profile="tiny", overrides=home, return_state=True)
     keys = first.result()
     assert set(keys) >= {"ingest", "track", "audio"}
-    assert _task_states(first) == {"ingest": "Completed", "track-and-parse": "Completed", "audio-features": "Completed"}
+    assert _task_states(first) == {"ingest": "Completed", "track-and-parse": "Completed", "audio-features": "Completed", "fit-static": "Completed", "train-deformation": "Completed", "evaluate": "Completed", "publish": "Completed"}
 
     second = train_speaker(video, "tiny-speaker", profile="tiny", overrides=home, return_state=True)
     assert second.result() == keys
-    assert _task_states(second) == {"ingest": "Cached", "track-and-parse": "Cached", "audio-features": "Cached"}
+    assert _task_states(second) == {"ingest": "Cached", "track-and-parse": "Cached", "audio-features": "Cached", "fit-static": "Cached", "train-deformation": "Cached", "evaluate": "Cached", "publish": "Completed"}
 
     changed = train_speaker(video, "tiny-speaker", profile="tiny", overrides=[*home, "audio.n_features=40"],
                             return_state=True)
     assert changed.result()["ingest"] == keys["ingest"] and changed.result()["audio"] != keys["audio"]
-    assert _task_states(changed) == {"ingest": "Cached", "track-and-parse": "Cached", "audio-features": "Completed"}
+    assert _task_states(changed) == {"ingest": "Cached", "track-and-parse": "Cached", "audio-features": "Completed", "fit-static": "Cached", "train-deformation": "Completed", "evaluate": "Completed", "publish": "Completed"}
 
 
 def test_bad_speaker_name_fails_the_flow_with_the_reason(prefect_api, clip, tmp_path):

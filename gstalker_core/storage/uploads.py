@@ -1,4 +1,4 @@
-"""User media copied into the store so that any worker can read it.
+"""User media in and out of the store: uploads for queued jobs, and fetching a job's media.
 
 A local video submitted to a queue must be readable by a worker on another machine, so
 it is uploaded once under ``uploads/<sha256 prefix>/<file name>`` (content-addressed: the
@@ -7,8 +7,11 @@ same file is never uploaded twice) and the job refers to it by URL.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from urllib.parse import urlparse
 
+from ..config import PipelineConfig
 from ..errors import InputError
 from .base import ArtifactStore, sha256_file
 
@@ -26,3 +29,20 @@ def upload_media(store: ArtifactStore, path: Path) -> str:
         store.put_file(key, path)
     local = store.local_path(key)
     return str(local) if local is not None else f"{store.url}/{key}"
+
+
+def fetch_media(source: str, cfg: PipelineConfig) -> Path:
+    """A local path for ``source``: the path itself, or an ``s3://`` object downloaded to the cache."""
+    if not source.startswith("s3://"):
+        return Path(source).expanduser()
+    from .s3 import S3Store
+
+    parsed = urlparse(source)
+    key = parsed.path.lstrip("/")
+    if not key:
+        raise InputError(f"{source} names a bucket, not a file", "give the full URL: s3://bucket/path/file.mp4")
+    dest = cfg.cache_dir / "sources" / hashlib.sha256(source.encode()).hexdigest()[:16] / Path(key).name
+    bucket = S3Store(f"s3://{parsed.netloc}", cfg.store)
+    if not bucket.exists(key):
+        raise InputError(f"{source} does not exist", "check the URL, e.g. with `aws s3 ls` on its folder")
+    return bucket.get_file(key, dest)
