@@ -43,7 +43,7 @@ class MethodScores(BaseModel):
     ssim: float
     face_psnr: float
     face_ssim: float
-    mouth_landmark_distance_px512: float
+    mouth_landmark_distance_px512: float | None  # None: the landmarker found no face in any rendered frame
     mouth_opening_correlation: float  # with ground truth mouth opening
     audio_energy_correlation: float  # rendered mouth opening vs audio loudness
     jitter_px: float
@@ -62,12 +62,16 @@ class EvalReport(BaseModel):
                 "audio-energy corr | jitter (px) |", "|---|---|---|---|---|---|---|---|---|"]
         for name, m in self.methods.items():
             rows.append(f"| {name} | {m.psnr:.2f} | {m.ssim:.4f} | {m.face_psnr:.2f} | {m.face_ssim:.4f} | "
-                        f"{m.mouth_landmark_distance_px512:.2f} | {m.mouth_opening_correlation:.3f} | "
+                        f"{_fmt(m.mouth_landmark_distance_px512)} | {m.mouth_opening_correlation:.3f} | "
                         f"{m.audio_energy_correlation:.3f} | {m.jitter_px:.3f} |")
         rows.append(f"\nHeld-out frames {self.first_frame}-{self.first_frame + self.frames - 1} "
                     f"({self.frames} frames, {self.resolution} px); real frames' audio-energy correlation: "
                     f"{self.truth_audio_energy_correlation:.3f}.")
         return "\n".join(rows)
+
+
+def _fmt(value: float | None) -> str:
+    return "no face" if value is None else f"{value:.2f}"
 
 
 def nearest_training_frames(features: np.ndarray, test_frames: np.ndarray, train_frames: np.ndarray) -> np.ndarray:
@@ -154,7 +158,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
             psnr=-10 * np.log10(s["se"] / n), ssim=s["ssim"] / n, face_psnr=-10 * np.log10(s["face_se"] / n),
             face_ssim=s["face_ssim"] / n,
             mouth_landmark_distance_px512=lipsync.mouth_landmark_distance(lm, truth_lm[found], size)
-            if found.any() else float("nan"),
+            if found.any() else None,
             mouth_opening_correlation=lipsync.pearson(opening, truth_open[found]),
             audio_energy_correlation=lipsync.pearson(opening, energy[found]),
             jitter_px=lipsync.landmark_jitter(lm),

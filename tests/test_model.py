@@ -1,0 +1,127 @@
+"""The trained model on a tiny speaker: what audio drives, bundles, resume after a crash, evaluation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from gstalker_core import audio, evaluate, static_fit, tracking
+from gstalker_core.bundle import fetch_bundle, load_bundle, save_bundle
+from gstalker_core.errors import InputError
+from gstalker_core.render.gaussians import GaussianModel
+from gstalker_core.storage import LocalStore, fetch_part
+from gstalker_core.storage.checkpoints import Checkpoints
+from gstalker_core.talking_head import FrameConditions, TalkingHead
+from gstalker_core.train_deform import train_deformation
+
+
+def _conditions(model, features, frames, viewmat):
+    n = len(frames)
+    return FrameConditions(audio=model.audio_encoder.windows(features, frames), eye=torch.ones(n),
+                           viewmats=torch.as_tensor(viewmat).expand(n, 4, 4), track_frames=torch.zeros(n, dtype=torch.long))
+
+
+def test_audio_drives_the_face_only_and_silence_keeps_it_still(tiny_speaker):
+    bundle = fetch_bundle(tiny_speaker.store, tiny_speaker.bundle, tiny_speaker.cfg.cache_dir)
+    model, view = bundle.model, bundle.viewmats[0]
+    spec = bundle.manifest.audio_spec
+    rng = np.random.default_rng(0)
+    speech = audio.compute_features(rng.normal(0, 0.1, 16000).astype(np.float32) * np.sin(np.linspace(0, 40, 16000)),
+                                    spec, n_frames=25)
+    silence = audio.compute_features(np.zeros(16000, np.float32), spec, n_frames=25)
+    with torch.no_grad():
+        heads, torsos = model.frames(_conditions(model, speech, [3, 12, 20], view))
+        quiet_heads, quiet_torsos = model.frames(_conditions(model, silence, [3, 12, 20], view))
+    # speech moves the face Gaussians from frame to frame; silence gives one still face
+    moved = (heads[0].means - heads[1].means).abs().max()
+    still = max((quiet_heads[0].means - q.means).abs().max() for q in quiet_heads[1:])
+    assert moved > 1e-5 and still < 1e-7, (moved, still)
+    # the torso does not listen: same pose, any audio -> same torso
+    assert torch.allclose(torsos[0].means, quiet_torsos[2].means, atol=1e-7)
+
+
+def test_bundle_saved_and_loaded_renders_identical_frames(tiny_speaker, tmp_path):
+    from gstalker_core.avatar import render_avatar
+
+    bundle = fetch_bundle(tiny_speaker.store, tiny_speaker.bundle, tiny_speaker.cfg.cache_dir)
+    copy = load_bundle(save_bundle(bundle, tmp_path / "bundle"))
+    features = audio.load_features(tiny_speaker.store, tiny_speaker.audio, tiny_speaker.cfg.cache_dir)
+
+    def frames(b):
+        cond = _conditions(b.model, features, [5, 6], b.viewmats[5])
+        with torch.no_grad():
+            heads, torsos = b.model.frames(cond)
+            return render_avatar(heads, torsos, cond.viewmats, torch.from_numpy(b.K),
+                                 torch.from_numpy(b.plate / 255.0).float()).rgb
+
+    assert torch.equal(frames(bundle), frames(copy))
+
+
+def test_incompatible_bundle_is_refused_with_a_clear_message(tiny_speaker, tmp_path):
+    folder = fetch_bundle(tiny_speaker.store, tiny_speaker.bundle, tiny_speaker.cfg.cache_dir)
+    target = save_bundle(folder, tmp_path / "old")
+    manifest = json.loads((target / "bundle.json").read_text())
+    manifest["format_version"] = 0
+    (target / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="format version 0"):
+        load_bundle(target)
+    shutil.rmtree(target)
+    with pytest.raises(InputError, match="not a model bundle"):
+        load_bundle(target)
+
+
+def _fresh_model(sp):
+    store, cfg = sp.store, sp.cfg
+    torch.manual_seed(0)
+    head = GaussianModel.load(fetch_part(store, sp.static, static_fit.HEAD, cfg.cache_dir))
+    torso = GaussianModel.load(fetch_part(store, sp.static, static_fit.TORSO, cfg.cache_dir))
+    train = tracking.open_dataset(store, sp.track, sp.ingest, cfg.cache_dir, split="train")
+    model = TalkingHead(cfg.deform, head, torso, cfg.audio.n_features, cfg.audio.step_window,
+                        torch.from_numpy(train.arrays.viewmats[train.indices]))
+    return model, train
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_speaker, tmp_path):
+    sp = tiny_speaker
+    features = audio.load_features(sp.store, sp.audio, sp.cfg.cache_dir)
+    plate = static_fit.read_plate(sp.store, sp.track, sp.cfg.cache_dir)
+    cfg = sp.cfg.train.model_copy(update={"iterations": 12, "checkpoint_every": 5, "unfreeze_step": 6, "lip_start": 3})
+    model, train = _fresh_model(sp)
+    train_deformation(model, train, plate, features, cfg, Checkpoints(LocalStore(tmp_path / "a"), "deform", "k"))
+    uninterrupted = model.state_dict()
+
+    def crash_at_8(done, total, info):
+        if done == 8:
+            raise _Crash
+
+    checkpoints = Checkpoints(LocalStore(tmp_path / "b"), "deform", "k")
+    model, train = _fresh_model(sp)
+    with pytest.raises(_Crash):
+        train_deformation(model, train, plate, features, cfg, checkpoints, progress=crash_at_8)
+    torch.manual_seed(123)  # a new process: nothing of the crashed run's state survives but the checkpoint
+    model, train = _fresh_model(sp)
+    report = train_deformation(model, train, plate, features, cfg, checkpoints)
+    assert report.resumed_from == 5
+    resumed = model.state_dict()
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_evaluation_report_has_both_baselines(tiny_speaker):
+    from gstalker_core.storage import find_stage
+
+    runs = [k for k in tiny_speaker.store.list("stages/evaluate/") if k.endswith("MANIFEST.json")]
+    manifest = find_stage(tiny_speaker.store, "evaluate", runs[0].split("/")[2])
+    report = evaluate.EvalReport.model_validate(manifest.meta)
+    assert set(report.methods) == {"gstalker", "static", "nearest"}
+    assert report.frames == len(range(report.first_frame, report.first_frame + report.frames)) > 0
+    assert set(manifest.parts) >= {evaluate.REPORT_JSON, evaluate.REPORT_MD, evaluate.VIDEO}
+    assert "| gstalker |" in report.markdown() and "| static |" in report.markdown()
