@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..errors import StorageError
 
 
 def check_key(key: str) -> str:
     """Refuse keys that could escape the store's root or prefix."""
-    parts = PurePosixPath(key).parts
+    parts = key.split("/")  # not PurePosixPath: it silently collapses "a//b" and "a/./b"
     if not key or key.startswith("/") or "\\" in key or any(p in ("..", ".", "") for p in parts):
         raise StorageError(f"refusing unsafe storage key {key!r}",
                            "keys are relative '/'-separated paths without '.' or '..' parts")

@@ -63,6 +63,7 @@ class S3Store(ArtifactStore):
         except (BotoCoreError, ValueError) as e:
             raise StorageError(f"cannot configure the S3 client for {self.url}: {e}",
                                "check store.endpoint_url (e.g. http://127.0.0.1:8333) and store.region") from None
+        self._bucket_checked = False
         mb = 1024 * 1024
         self.transfer = TransferConfig(multipart_threshold=cfg.multipart_threshold_mb * mb,
                                        multipart_chunksize=cfg.multipart_chunk_mb * mb, use_threads=False)
@@ -70,7 +71,23 @@ class S3Store(ArtifactStore):
     # -- helpers -----------------------------------------------------------------------
     def _k(self, key: str) -> str:
         check_key(key)
+        if not self._bucket_checked:
+            self._check_bucket()
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _check_bucket(self) -> None:
+        """Fail early and clearly on a missing bucket or refused credentials: a HEAD on a key of a
+        missing bucket reads as "no such key", and some S3-compatible servers create buckets on PUT."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as e:
+            if self._missing(e) or str(e.response.get("Error", {}).get("Code", "")) == "NoSuchBucket":
+                raise StorageError(f"bucket {self.bucket!r} does not exist on {self.endpoint}",
+                                   f"create it (e.g. `aws s3 mb s3://{self.bucket}`) or fix store.url") from None
+            raise self._error(e, "open the bucket") from None
+        except BotoCoreError as e:
+            raise self._error(e, "open the bucket") from None
+        self._bucket_checked = True
 
     def _error(self, err: Exception, what: str) -> StorageError:
         """Translate boto errors into a message naming the problem and the fix."""
@@ -145,9 +162,12 @@ class S3Store(ArtifactStore):
             raise self._error(e, f"check {key}") from None
 
     def list(self, prefix: str = "") -> list[str]:
-        full = self._k(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
-        if prefix.endswith("/") and not full.endswith("/"):
-            full += "/"
+        if prefix.rstrip("/"):
+            full = self._k(prefix.rstrip("/")) + ("/" if prefix.endswith("/") else "")
+        else:
+            if not self._bucket_checked:
+                self._check_bucket()
+            full = f"{self.prefix}/" if self.prefix else ""
         strip = len(self.prefix) + 1 if self.prefix else 0
         keys = []
         try:
