@@ -28,7 +28,7 @@ from .errors import InputError
 from .pose_track import pose_track_indices
 from .speakers import load_speaker, lookup
 from .storage import ArtifactStore, content_key, sha256_file
-from .storage.uploads import fetch_media
+from .storage.uploads import fetch_media, resolve_media
 from .talking_head import FrameConditions, eye_openness
 
 Progress = Callable[[int, Optional[int]], None]
@@ -121,9 +121,10 @@ def output_key(speaker: str, bundle_key: str, audio_sha256: str, cfg: DubConfig)
 
 def run(store: ArtifactStore, speaker: str, audio_source: str, cfg: PipelineConfig, progress: Progress | None = None
         ) -> DubResult:
-    """Dub ``audio_source`` (local path or s3:// URL) with ``speaker``'s model into the store, unless already there."""
+    """Dub ``audio_source`` (local path, s3:// URL or a key in the store) with ``speaker``'s model into the store, unless already there."""
     entry = lookup(store, speaker)
-    path = fetch_media(audio_source, cfg)
+    path = fetch_media(resolve_media(store, audio_source, cfg) if not Path(audio_source).expanduser().is_file()
+                       else audio_source, cfg)
     media.probe(path)  # empty / missing / not media: a clear message before hashing
     key = output_key(speaker, entry.bundle_key, sha256_file(path), cfg.dub)
     if store.exists(key):

@@ -13,12 +13,13 @@ import inspect
 from typing import Any, Callable
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
 from gstalker_core import audio, evaluate, ingest, speakers, static_fit, tracking, train_deform
 from gstalker_core.config import PipelineConfig
 from gstalker_core.errors import ConfigError, InputError
-from gstalker_core.storage import StageManifest, StageRun, open_store
+from gstalker_core.storage import StageManifest, StageRun, find_stage, open_store
 
 
 def stage_cache_key(key_of: Callable[..., str]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
@@ -98,15 +99,31 @@ def evaluate_model(bundle_run: StageManifest, ingest_run: StageManifest, cfg: Pi
 @task(name="publish-speaker", task_run_name="publish-{speaker}", retries=2, retry_delay_seconds=5)
 def publish_speaker(speaker: str, bundle_run: StageManifest, evaluation_run: StageManifest, video: str,
                     cfg: PipelineConfig) -> str:
-    entry = speakers.publish(open_store(cfg), speaker, bundle_run, evaluation_run, video, cfg.profile)
+    """Point ``speakers/<speaker>`` at the new model; publish the evaluation to the Prefect UI."""
+    store = open_store(cfg)
+    entry = speakers.publish(store, speaker, bundle_run, evaluation_run, video, cfg.profile)
+    report = evaluate.EvalReport.model_validate(evaluation_run.meta)
+    where = {name: f"{cfg.store_url}/{part.key}" for name, part in evaluation_run.parts.items()}
+    create_markdown_artifact(
+        key=f"evaluation-{speaker}", description=f"held-out evaluation of {speaker}",
+        markdown=f"## {speaker}: held-out evaluation\n\n{report.markdown()}\n\n"
+                 f"- side-by-side video (ours / static / nearest / truth): `{where[evaluate.VIDEO]}`\n"
+                 f"- model bundle: `{cfg.store_url}/stages/{train_deform.STAGE}/{bundle_run.key}/`\n"
+                 f"- static fit still (render / truth): `{cfg.store_url}/{_static_still(store, bundle_run)}`\n")
     return speakers.pointer_key(entry.speaker)
 
 
+def _static_still(store, bundle_run: StageManifest) -> str:
+    static = find_stage(store, static_fit.STAGE, bundle_run.meta["bundle"]["sources"]["static"])
+    return static.parts[static_fit.HELDOUT].key if static else "(missing)"
+
+
 def _progress_logger(stage: str, every_s: float = 30.0):
-    """A progress callback that logs (step, loss, PSNR) at most every ``every_s`` seconds."""
+    """Progress of a long task: a Prefect progress artifact and a log line every ``every_s`` seconds."""
     import time
 
     logger = get_run_logger()
+    artifact = create_progress_artifact(0.0, description=f"{stage} progress")
     last = [0.0]
 
     def report(done: int, total: int | None, info: dict | None = None) -> None:
@@ -115,5 +132,7 @@ def _progress_logger(stage: str, every_s: float = 30.0):
             last[0] = now
             details = ", ".join(f"{k} {v:.4g}" for k, v in (info or {}).items())
             logger.info("%s: step %d/%s %s", stage, done, total, details)
+            if total:
+                update_progress_artifact(artifact, 100.0 * done / total)
 
     return report

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from ..config import PipelineConfig
 from ..errors import InputError
-from .base import ArtifactStore, sha256_file
+from .base import ArtifactStore, check_key, sha256_file
 
 ROOT = "uploads"
 
@@ -46,3 +46,14 @@ def fetch_media(source: str, cfg: PipelineConfig) -> Path:
     if not bucket.exists(key):
         raise InputError(f"{source} does not exist", "check the URL, e.g. with `aws s3 ls` on its folder")
     return bucket.get_file(key, dest)
+
+
+def resolve_media(store: ArtifactStore, ref: str, cfg: PipelineConfig) -> str:
+    """A job's media reference (s3:// URL, or a key inside ``store``) as a path/URL ``fetch_media`` reads."""
+    if ref.startswith("s3://"):
+        return ref
+    check_key(ref)
+    if not store.exists(ref):
+        raise InputError(f"{ref} is not in the store {store.url}", "upload the file first (e.g. `aws s3 cp`)")
+    local = store.local_path(ref)
+    return str(local if local is not None else store.get_file(ref, cfg.cache_dir / "media" / ref))
