@@ -31,7 +31,7 @@ from .talking_head import FrameConditions, TalkingHead, eye_openness
 from .tracking import SpeakerDataset
 
 STAGE = "deform"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: audio features standardised, bounded audio code
 
 Progress = Callable[[int, Optional[int], dict], None]
 
@@ -144,6 +144,7 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
         torso = GaussianModel.load(fetch_part(store, static_run, TORSO, cfg.cache_dir))
         viewmats = train.arrays.viewmats[train.indices]
         model = TalkingHead(cfg.deform, head, torso, spec.n_features, cfg.audio.step_window, torch.from_numpy(viewmats))
+        model.audio_encoder.set_feature_stats(features[: 2 * len(train.indices)])
         report = train_deformation(model, train, plate, features, cfg.train, checkpoints, progress)
         manifest = BundleManifest(format_version=FORMAT_VERSION, gstalker_version=__version__,
                                   resolution=plate.shape[0], fps=25, audio_spec=spec,

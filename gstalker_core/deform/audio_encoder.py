@@ -78,11 +78,17 @@ class AudioFrameEncoder(nn.Module):
             width_in = channels
         self.convs = nn.Sequential(*layers)
         self.out = nn.Linear(channels, code_dim)
+        # Per-feature standardisation with the training audio's statistics (``set_feature_stats``),
+        # saved with the model so new audio is scaled alike. Raw log-mel values (tens of dB) would
+        # otherwise drive the downstream ReLUs into saturation, and the face would ignore the audio.
+        self.register_buffer("feature_mean", torch.zeros(n_features))
+        self.register_buffer("feature_std", torch.ones(n_features))
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         lead = windows.shape[:-2]
-        x = windows.reshape(-1, *windows.shape[-2:]).transpose(1, 2)  # (B, n_features, steps)
-        return self.out(self.convs(x).squeeze(-1)).reshape(*lead, -1)
+        x = ((windows - self.feature_mean) / self.feature_std).reshape(-1, *windows.shape[-2:]).transpose(1, 2)
+        # tanh bounds the code: it conditions an MLP, whose units must not all die on loud input
+        return torch.tanh(self.out(self.convs(x).squeeze(-1))).reshape(*lead, -1)
 
 
 class TemporalSmoother(nn.Module):
@@ -117,6 +123,12 @@ class AudioEncoder(nn.Module):
         self.code_dim = cfg.audio_code_dim
         self.frame_encoder = AudioFrameEncoder(n_features, step_window, cfg.audio_channels, cfg.audio_code_dim)
         self.smoother = TemporalSmoother(cfg.audio_code_dim, cfg.frame_window)
+
+    def set_feature_stats(self, features) -> None:
+        """Standardise inputs with the (steps, n_features) training features' mean and std."""
+        f = self._as_tensor(features)
+        self.frame_encoder.feature_mean.copy_(f.mean(0))
+        self.frame_encoder.feature_std.copy_(f.std(0).clamp_min(1e-3))
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         """(B, frame_window, step_window, n_features) from ``audio_windows`` -> (B, code_dim)."""
