@@ -31,7 +31,7 @@ from .render.gaussians import GaussianModel
 from .storage import ArtifactStore, StageManifest, fetch_stage
 from .talking_head import TalkingHead
 
-FORMAT_VERSION = 2  # 2: audio encoder carries feature statistics
+FORMAT_VERSION = 1  # the files and manifest schema; network contents are checked key by key on load
 MANIFEST, HEAD, TORSO, NETWORKS, TRACKS, PLATE = (
     "bundle.json", "head.safetensors", "torso.safetensors", "networks.safetensors", "tracks.npz", "plate.png")
 
