@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -17,10 +19,17 @@ def prefect_api():
         yield
 
 
-def _task_states(flow_state) -> dict[str, str]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
-    return {run.name.split("-tiny")[0]: run.state.name for run in runs}
+def _task_states(flow_state, timeout_s: float = 20.0) -> dict[str, str]:
+    """Final task-run states; Prefect 3 records them through events, so the API may lag a moment."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+        states = {run.name.split("-tiny")[0]: run.state.name for run in runs}
+        if all(run.state.is_final() for run in runs) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
 
 
 def test_second_run_is_cached_and_a_config_change_reruns_only_its_stage(prefect_api, clip, tmp_path):
