@@ -48,7 +48,7 @@ def test_objects_and_trees_round_trip(store, tmp_path):
 
 @pytest.mark.parametrize("key", ["../escape", "/abs/key", "a/../../b", "a//b", ""])
 def test_unsafe_keys_are_refused(store, key):
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageError, match="unsafe storage key"):
         store.put_bytes(key, b"x")
 
 
