@@ -34,7 +34,6 @@ from gstalker_core.audio import compute_features, spec_for  # noqa: E402
 from gstalker_core.avatar import render_avatar  # noqa: E402
 from gstalker_core.bundle import FORMAT_VERSION, Bundle, BundleManifest, load_bundle, save_bundle  # noqa: E402
 from gstalker_core.config import load_config  # noqa: E402
-from gstalker_core.dub import dub  # noqa: E402
 from gstalker_core.media import VideoWriter  # noqa: E402
 from gstalker_core.render.gaussians import GaussianModel  # noqa: E402
 from gstalker_core.talking_head import FrameConditions, TalkingHead, eye_openness  # noqa: E402

@@ -123,8 +123,7 @@ def run(store: ArtifactStore, speaker: str, audio_source: str, cfg: PipelineConf
         ) -> DubResult:
     """Dub ``audio_source`` (local path, s3:// URL or a key in the store) with ``speaker``'s model into the store, unless already there."""
     entry = lookup(store, speaker)
-    path = fetch_media(resolve_media(store, audio_source, cfg) if not Path(audio_source).expanduser().is_file()
-                       else audio_source, cfg)
+    path = fetch_media(resolve_media(store, audio_source, cfg), cfg)
     media.probe(path)  # empty / missing / not media: a clear message before hashing
     key = output_key(speaker, entry.bundle_key, sha256_file(path), cfg.dub)
     if store.exists(key):

@@ -26,7 +26,7 @@ from .bundle import fetch_bundle
 from .config import PipelineConfig, TrackConfig
 from .media import VideoWriter
 from .render.gaussians import GaussianModel
-from .metrics import psnr, ssim
+from .metrics import ssim
 from .talking_head import FrameConditions, TalkingHead
 from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, run_stage
 from .tracking import SpeakerDataset

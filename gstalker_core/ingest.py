@@ -117,7 +117,6 @@ def find_crop(path: Path, info: media.MediaInfo, cfg: IngestConfig, progress: Pr
     """One square crop centred on the dominant face; (box, fraction of samples with a face, warnings)."""
     det_w = cfg.detect_width
     det_h = max(2, int(round(det_w * info.height / info.width / 2)) * 2)
-    scale = info.width / det_w
     expected = max(1, int(info.duration_s * cfg.fps))
     faces: dict[int, np.ndarray] = {}  # sampled frame -> (k, 5) [cx, cy, w, h, score] in source px
     sampled: list[int] = []

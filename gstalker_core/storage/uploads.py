@@ -49,8 +49,8 @@ def fetch_media(source: str, cfg: PipelineConfig) -> Path:
 
 
 def resolve_media(store: ArtifactStore, ref: str, cfg: PipelineConfig) -> str:
-    """A job's media reference (s3:// URL, or a key inside ``store``) as a path/URL ``fetch_media`` reads."""
-    if ref.startswith("s3://"):
+    """A media reference (local path, s3:// URL, or a key inside ``store``) as a path/URL ``fetch_media`` reads."""
+    if ref.startswith("s3://") or Path(ref).expanduser().is_file():
         return ref
     check_key(ref)
     if not store.exists(ref):
