@@ -104,6 +104,9 @@ class TrackConfig(Section):
     scene_cut_min_level: float = Field(default=30.0, ge=0, description="...and at least this mean abs difference (0-255)")
     min_face_fraction: float = Field(default=0.12, gt=0, lt=1, description="face width / crop side below which we refuse")
     profile_yaw_deg: float = Field(default=50.0, gt=0, lt=90, description="yaw beyond which frames are warned as profile")
+    mouth_cover_ratio: float = Field(default=0.5, ge=0, lt=1,
+                                     description="lip/cheek colour contrast below this x the clip's median marks the "
+                                                 "mouth covered (hand over it): those frames are not trained on")
     person_threshold: float = Field(default=0.5, gt=0, lt=1, description="selfie-segmentation probability for 'person'")
     neck_half_width: float = Field(default=0.45, gt=0, description="neck band half width, in face widths")
     neck_length: float = Field(default=0.55, gt=0, description="neck bottom below the chin, in face heights")
@@ -190,7 +193,12 @@ class StaticFitConfig(Section):
 class TrainConfig(Section):
     """Deformation training schedule (after the static fit)."""
 
-    iterations: int = Field(default=3000, ge=1)
+    iterations: int = Field(default=3000, ge=1, description="rendering steps (after the landmark steps)")
+    guide_iterations: int = Field(default=2000, ge=0,
+                                  description="landmark steps first: the face field learns the tracked landmarks' "
+                                              "motion from the audio, without rendering")
+    guide_batch: int = Field(default=32, ge=1, description="frames per landmark step")
+    guide_weight: float = Field(default=0.1, ge=0, description="weight of the landmark loss during rendering steps")
     frames_per_step: int = Field(default=1, ge=1, description="frames rendered per optimisation step")
     lr_networks: float = Field(default=2e-3, gt=0, description="Adam learning rate of the encoder and fields")
     unfreeze_step: int = Field(default=2000, ge=0, description="step from which the static Gaussians train too")

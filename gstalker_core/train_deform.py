@@ -1,11 +1,18 @@
 """Deformation training: audio-driven face field, pose-driven torso field, on top of the static fit.
 
-Schedule (``TrainConfig``): the networks train alone first, from the static fit (their last
-layers start at zero); at ``unfreeze_step`` the static Gaussians join at a reduced learning
-rate; from ``lip_start`` the mouth box (from the tracked mouth landmarks) weighs more.
-Every ``checkpoint_every`` steps the full state (parameters, optimiser, step, RNGs) goes to
-the store, and frames are drawn as a pure function of (seed, step), so a run resumed after
-a crash ends with exactly the parameters of an uninterrupted one.
+Schedule (``TrainConfig``), in two phases on one step counter:
+1. ``guide_iterations`` landmark steps: the audio encoder and face field learn to predict the
+   tracked landmarks' motion in the head frame (``deform.landmark_motion``) on batches of
+   ``guide_batch`` frames, without rendering: cheap, and a strong signal where the pixels
+   give a weak one (lips move by a pixel or two at preview resolution).
+2. ``iterations`` rendering steps: the photometric loss over the composited frame, plus the
+   landmark loss at ``guide_weight``. The networks train alone first, from the static fit
+   (their last layers start at zero); from ``unfreeze_step`` the static Gaussians join at a
+   reduced learning rate; from ``lip_start`` the mouth box (from the tracked mouth landmarks)
+   weighs more. Both counted in rendering steps.
+Every ``checkpoint_every`` steps the full state (parameters, optimiser, step) goes to the
+store, and frames are drawn as a pure function of (seed, step), so a run resumed after a
+crash ends with exactly the parameters of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,25 +28,29 @@ from . import __version__, audio, tracking
 from .avatar import render_avatar
 from .bundle import FORMAT_VERSION, Bundle, BundleManifest, save_bundle
 from .config import PipelineConfig, TrainConfig
+from .deform.landmark_motion import canonical_offsets, guide_loss
 from .lipsync import MOUTH_POINTS
 from .metrics import psnr
 from .render.gaussians import GaussianModel
 from .static_fit import HEAD, TORSO, frame_targets, layer_losses, read_plate
 from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, run_stage
 from .storage.checkpoints import Checkpoints
+from .errors import InputError
 from .talking_head import FrameConditions, TalkingHead, eye_openness
 from .tracking import SpeakerDataset
 
 STAGE = "deform"
-CODE_VERSION = "2"  # 2: audio features standardised, bounded audio code
+CODE_VERSION = "3"  # 2: audio features standardised, bounded audio code; 3: landmark guide
 
 Progress = Callable[[int, Optional[int], dict], None]
 
 
 class DeformTrainManifest(BaseModel):
-    iterations: int
+    iterations: int  # rendering steps
+    guide_iterations: int  # landmark steps before them
     wall_s: float
     train_psnr: float  # mean over the last 100 steps
+    guide_loss: float  # landmark loss (1 = predicts no motion), mean over the last 100 steps
     resumed_from: int
 
 
@@ -72,6 +83,33 @@ def make_optimizer(model: TalkingHead, cfg: TrainConfig) -> torch.optim.Adam:
                              {"params": static, "lr": 0.0, "name": "static"}])
 
 
+class LandmarkGuide:
+    """The landmark loss of a batch of training frames drawn as a function of (seed, step).
+
+    Frames whose landmarks are guesses (interpolated gaps, covered mouth) are never drawn.
+    """
+
+    def __init__(self, model: TalkingHead, train: SpeakerDataset, features: np.ndarray, cfg: TrainConfig):
+        a = train.arrays
+        self.model, self.train, self.features, self.cfg = model, train, features, cfg
+        self.frames = train.drawn[a.valid[train.drawn]]
+        if len(self.frames) == 0:
+            raise InputError("no training frame has reliable landmarks (every one is a gap or a covered mouth)",
+                             "check the tracking stage's QA video and warnings; train on a clip with a visible face")
+        self.offsets = torch.from_numpy(canonical_offsets(a.landmarks, a.viewmats, a.K, a.template))
+        self.scale = float(self.offsets[self.frames].square().mean().clamp_min(1e-12))
+        self.points = torch.from_numpy(a.template)
+
+    def loss(self, step: int) -> torch.Tensor:
+        rng = np.random.default_rng([self.cfg.seed, step])
+        frames = rng.choice(self.frames, size=self.cfg.guide_batch)
+        eye = torch.from_numpy(eye_openness(self.train.arrays.blink[frames]).astype(np.float32))
+        field = self.model.face_field
+        deltas = field(field.encode(self.points), self.model.audio_encoder(self.model.audio_encoder.windows(
+            self.features, frames)), eye)
+        return guide_loss(deltas.d_means, self.offsets[frames], self.scale)
+
+
 def train_deformation(model: TalkingHead, train: SpeakerDataset, plate: np.ndarray, features: np.ndarray,
                       cfg: TrainConfig, checkpoints: Checkpoints | None = None, progress: Progress | None = None
                       ) -> DeformTrainManifest:
@@ -84,37 +122,63 @@ def train_deformation(model: TalkingHead, train: SpeakerDataset, plate: np.ndarr
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         step0 = saved["step"]
-    plate_t = torch.from_numpy(plate.astype(np.float32) / 255.0)
-    K = torch.from_numpy(train.arrays.K)
-    size = plate.shape[0]
-    n_train = len(train.indices)
+    guide = LandmarkGuide(model, train, features, cfg)
+    photometric = PhotometricLoss(model, train, features, plate, cfg)
+    total = cfg.guide_iterations + cfg.iterations
     recent: list[float] = []
-    for step in range(step0, cfg.iterations):
-        if step >= cfg.unfreeze_step:
-            optimizer.param_groups[1]["lr"] = cfg.lr_networks * cfg.static_lr_scale
-        frames = [train.index_at(step * cfg.frames_per_step + k) for k in range(cfg.frames_per_step)]
-        samples = [train.sample(i) for i in frames]
-        cond = conditions_for(model, train, features, frames, n_train)
-        heads, torsos = model.frames(cond)
-        layers = render_avatar(heads, torsos, cond.viewmats, K, plate_t)
-        targets = [frame_targets(s, plate) for s in samples]
-        target = {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
-        losses = layer_losses(layers, target, plate_t, cfg.ssim_weight)
-        loss = losses["composite"] + cfg.layer_loss_weight * (losses["head"] + losses["torso"])
-        if step >= cfg.lip_start and cfg.lip_weight > 0:
-            mouth = torch.from_numpy(np.stack([mouth_weights(train.arrays.landmarks[i], size) for i in frames]))[..., None]
-            loss = loss + cfg.lip_weight * ((layers.rgb - target["rgb"]).abs() * mouth).sum() / mouth.sum().clamp_min(1)
-        loss = loss + cfg.latent_smoothness_weight * model.torso_field.latent_smoothness()
+    recent_guide: list[float] = []
+    for step in range(step0, total):
+        loss = guide.loss(step)
+        recent_guide = (recent_guide + [loss.item()])[-100:]
+        info = {"landmark loss": recent_guide[-1]}
+        render_step = step - cfg.guide_iterations
+        if render_step >= 0:
+            if render_step >= cfg.unfreeze_step:
+                optimizer.param_groups[1]["lr"] = cfg.lr_networks * cfg.static_lr_scale
+            render_loss, render_psnr = photometric.loss(render_step)
+            loss = cfg.guide_weight * loss + render_loss
+            recent = (recent + [render_psnr])[-100:]
+            info["psnr"] = render_psnr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        recent = (recent + [psnr(layers.rgb.detach(), target["rgb"])])[-100:]
         if progress:
-            progress(step + 1, cfg.iterations, {"loss": loss.item(), "psnr": recent[-1]})
-        if checkpoints and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.iterations:
+            progress(step + 1, total, {"loss": loss.item(), **info})
+        if checkpoints and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
             checkpoints.save({"step": step + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    return DeformTrainManifest(iterations=cfg.iterations, wall_s=time.perf_counter() - start_time,
-                               train_psnr=float(np.mean(recent)) if recent else 0.0, resumed_from=step0)
+    return DeformTrainManifest(iterations=cfg.iterations, guide_iterations=cfg.guide_iterations,
+                               wall_s=time.perf_counter() - start_time,
+                               train_psnr=float(np.mean(recent)) if recent else 0.0,
+                               guide_loss=float(np.mean(recent_guide)) if recent_guide else 0.0, resumed_from=step0)
+
+
+class PhotometricLoss:
+    """L1 + D-SSIM of the composite and its layers for the frames of rendering step ``step``
+    (chunk-grouped epoch order, a function of (seed, step)), the mouth box weighted from ``lip_start``."""
+
+    def __init__(self, model: TalkingHead, train: SpeakerDataset, features: np.ndarray, plate: np.ndarray,
+                 cfg: TrainConfig):
+        self.model, self.train, self.features, self.plate, self.cfg = model, train, features, plate, cfg
+        self.plate_t = torch.from_numpy(plate.astype(np.float32) / 255.0)
+        self.K = torch.from_numpy(train.arrays.K)
+
+    def loss(self, step: int) -> tuple[torch.Tensor, float]:
+        """(loss, PSNR of the rendered composite)."""
+        cfg, train = self.cfg, self.train
+        frames = [train.index_at(step * cfg.frames_per_step + k) for k in range(cfg.frames_per_step)]
+        cond = conditions_for(self.model, train, self.features, frames, len(train.indices))
+        heads, torsos = self.model.frames(cond)
+        layers = render_avatar(heads, torsos, cond.viewmats, self.K, self.plate_t)
+        targets = [frame_targets(train.sample(i), self.plate) for i in frames]
+        target = {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
+        losses = layer_losses(layers, target, self.plate_t, cfg.ssim_weight)
+        loss = losses["composite"] + cfg.layer_loss_weight * (losses["head"] + losses["torso"])
+        if step >= cfg.lip_start and cfg.lip_weight > 0:
+            size = self.plate.shape[0]
+            mouth = torch.from_numpy(np.stack([mouth_weights(train.arrays.landmarks[i], size) for i in frames]))[..., None]
+            loss = loss + cfg.lip_weight * ((layers.rgb - target["rgb"]).abs() * mouth).sum() / mouth.sum().clamp_min(1)
+        loss = loss + cfg.latent_smoothness_weight * self.model.torso_field.latent_smoothness()
+        return loss, psnr(layers.rgb.detach(), target["rgb"])
 
 
 # -- the stage: trains and publishes the model bundle --------------------------------------

@@ -89,41 +89,74 @@ class _Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_speaker, tmp_path):
+def _crash_at(step: int):
+    """A progress callback that kills the run once ``step`` steps are done."""
+    def progress(done, total, info):
+        if done == step:
+            raise _Crash
+
+    return progress
+
+
+@pytest.fixture
+def one_thread():
     # Bitwise equality needs a fixed reduction order: with several intra-op threads some CPU
     # kernels sum in a varying order, and two uninterrupted runs already differ in the last bits.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        _check_resume(tiny_speaker, tmp_path)
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
 
 
-def _check_resume(tiny_speaker, tmp_path):
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tiny_speaker, tmp_path, one_thread):
     sp = tiny_speaker
     features = audio.load_features(sp.store, sp.audio, sp.cfg.cache_dir)
     plate = static_fit.read_plate(sp.store, sp.track, sp.cfg.cache_dir)
-    cfg = sp.cfg.train.model_copy(update={"iterations": 12, "checkpoint_every": 5, "unfreeze_step": 6, "lip_start": 3})
+    # crash in the rendering phase, resume from a checkpoint of the landmark phase
+    cfg = sp.cfg.train.model_copy(update={"guide_iterations": 4, "iterations": 8, "checkpoint_every": 3,
+                                          "unfreeze_step": 2, "lip_start": 1})
     model, train = _fresh_model(sp)
     train_deformation(model, train, plate, features, cfg, Checkpoints(LocalStore(tmp_path / "a"), "deform", "k"))
     uninterrupted = model.state_dict()
 
-    def crash_at_8(done, total, info):
-        if done == 8:
-            raise _Crash
-
     checkpoints = Checkpoints(LocalStore(tmp_path / "b"), "deform", "k")
     model, train = _fresh_model(sp)
     with pytest.raises(_Crash):
-        train_deformation(model, train, plate, features, cfg, checkpoints, progress=crash_at_8)
+        train_deformation(model, train, plate, features, cfg, checkpoints, progress=_crash_at(7))
     torch.manual_seed(123)  # a new process: nothing of the crashed run's state survives but the checkpoint
     model, train = _fresh_model(sp)
     report = train_deformation(model, train, plate, features, cfg, checkpoints)
-    assert report.resumed_from == 5
+    assert report.resumed_from == 6
     resumed = model.state_dict()
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+
+def test_static_fit_resumed_after_a_crash_equals_an_uninterrupted_run(tiny_speaker, tmp_path, one_thread):
+    """Checkpoints at 5 and 10, crash at 13: the densification at step 15 needs the view-space
+    gradient statistics of steps 8-14 (its threshold sits near their median, so every one
+    counts), its splits draw from the torch RNG, and an opacity reset falls at step 12."""
+    sp = tiny_speaker
+    plate = static_fit.read_plate(sp.store, sp.track, sp.cfg.cache_dir)
+    gaussians = sp.cfg.static.gaussians.model_copy(update={"densify_from": 0, "densify_every": 8,
+                                                           "opacity_reset_every": 12})
+    cfg = sp.cfg.static.model_copy(update={"iterations": 20, "checkpoint_every": 5, "eval_frames": 1,
+                                           "backend": "torch", "gaussians": gaussians})
+
+    def fit(store_dir, progress=None):
+        train = tracking.open_dataset(sp.store, sp.track, sp.ingest, sp.cfg.cache_dir, split="train", seed=cfg.seed)
+        test = tracking.open_dataset(sp.store, sp.track, sp.ingest, sp.cfg.cache_dir, split="test", shuffle=False)
+        checkpoints = Checkpoints(LocalStore(store_dir), "static", "k")
+        return static_fit.fit_static(train, test, plate, train.arrays.template, cfg, checkpoints, progress)
+
+    head, torso, _, _ = fit(tmp_path / "a")
+    with pytest.raises(_Crash):
+        fit(tmp_path / "b", _crash_at(13))
+    torch.manual_seed(123)  # a new process: nothing of the crashed run's state survives but the checkpoint
+    resumed_head, resumed_torso, _, _ = fit(tmp_path / "b")
+    assert len(resumed_head) == len(head) > sp.cfg.static.n_head  # densification did add Gaussians
+    for want, got in ((head, resumed_head), (torso, resumed_torso)):
+        assert all(torch.equal(got.state()["params"][p], want.state()["params"][p]) for p in want.state()["params"])
 
 
 def test_evaluation_report_has_both_baselines(tiny_speaker):
