@@ -202,7 +202,8 @@ class TrainConfig(Section):
     frames_per_step: int = Field(default=1, ge=1, description="frames rendered per optimisation step")
     lr_networks: float = Field(default=2e-3, gt=0, description="Adam learning rate of the encoder and fields")
     unfreeze_step: int = Field(default=2000, ge=0, description="step from which the static Gaussians train too")
-    static_lr_scale: float = Field(default=0.05, ge=0, description="their learning rate, x lr_networks")
+    static_lr_scale: float = Field(default=0.5, ge=0,
+                                   description="their learning rates, x the static fit's per-attribute rates")
     lip_start: int = Field(default=1000, ge=0, description="step from which the mouth box weighs more")
     lip_weight: float = Field(default=1.0, ge=0, description="extra L1 weight inside the mouth box")
     layer_loss_weight: float = Field(default=0.5, ge=0, description="weight of the head/torso layer losses")

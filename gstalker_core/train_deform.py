@@ -7,8 +7,8 @@ Schedule (``TrainConfig``), in two phases on one step counter:
    give a weak one (lips move by a pixel or two at preview resolution).
 2. ``iterations`` rendering steps: the photometric loss over the composited frame, plus the
    landmark loss at ``guide_weight``. The networks train alone first, from the static fit
-   (their last layers start at zero); from ``unfreeze_step`` the static Gaussians join at a
-   reduced learning rate; from ``lip_start`` the mouth box (from the tracked mouth landmarks)
+   (their last layers start at zero); from ``unfreeze_step`` the static Gaussians join at
+   ``static_lr_scale`` times their static-fit learning rates; from ``lip_start`` the mouth box (from the tracked mouth landmarks)
    weighs more. Both counted in rendering steps.
 Every ``checkpoint_every`` steps the full state (parameters, optimiser, step) goes to the
 store, and frames are drawn as a pure function of (seed, step), so a run resumed after a
@@ -77,10 +77,22 @@ def conditions_for(model: TalkingHead, dataset: SpeakerDataset, features: np.nda
 
 
 def make_optimizer(model: TalkingHead, cfg: TrainConfig) -> torch.optim.Adam:
+    """One group for the networks, then the static Gaussians' own per-attribute groups (as in
+    the static fit), held at learning rate 0 until ``unfreeze`` sets them to ``static_lr_scale``
+    times their static-fit rates (kept as ``static_lr``)."""
     nets = [*model.audio_encoder.parameters(), *model.face_field.parameters(), *model.torso_field.parameters()]
-    static = [*model.head.parameters(), *model.torso.parameters()]
-    return torch.optim.Adam([{"params": nets, "lr": cfg.lr_networks, "name": "networks"},
-                             {"params": static, "lr": 0.0, "name": "static"}])
+    groups = [{"params": nets, "lr": cfg.lr_networks, "name": "networks"}]
+    for layer, gaussians in (("head", model.head), ("torso", model.torso)):
+        for group in gaussians.make_optimizer().param_groups:
+            groups.append({"params": group["params"], "lr": 0.0, "static_lr": group["lr"] * cfg.static_lr_scale,
+                           "eps": group["eps"], "name": f"{layer}.{group['name']}"})
+    return torch.optim.Adam(groups)
+
+
+def unfreeze(optimizer: torch.optim.Adam) -> None:
+    for group in optimizer.param_groups:
+        if "static_lr" in group:
+            group["lr"] = group["static_lr"]
 
 
 class LandmarkGuide:
@@ -133,8 +145,8 @@ def train_deformation(model: TalkingHead, train: SpeakerDataset, plate: np.ndarr
         info = {"landmark loss": recent_guide[-1]}
         render_step = step - cfg.guide_iterations
         if render_step >= 0:
-            if render_step >= cfg.unfreeze_step:
-                optimizer.param_groups[1]["lr"] = cfg.lr_networks * cfg.static_lr_scale
+            if render_step == cfg.unfreeze_step:
+                unfreeze(optimizer)
             render_loss, render_psnr = photometric.loss(render_step)
             loss = cfg.guide_weight * loss + render_loss
             recent = (recent + [render_psnr])[-100:]
