@@ -24,6 +24,8 @@ from gstalker_core.tracking.track import LABELS, PLATE, QA_VIDEO
 from gstalker_core.frames import ChunkReader
 
 FACE_CENTRE = (224.0, 130.0)  # astronaut(): between the eyes, a little low (hair above)
+MOUTH_CENTRE, MOUTH_WIDTH = (223, 147), 43  # astronaut(): the lips (she smiles, teeth showing)
+CHEEK = (slice(110, 122), slice(188, 200))  # astronaut(): bare skin on her right cheekbone
 CROP_SIDE = 320.0  # source pixels mapped onto one output frame
 
 
@@ -42,9 +44,23 @@ def warp_matrix(size: int, theta_deg: float = 0.0, scale: float = 1.0, shift=(0.
     return (move @ crop)[:2]
 
 
-def warped_face(size: int, **motion) -> np.ndarray:
-    return cv2.warpAffine(astronaut(), warp_matrix(size, **motion), (size, size), flags=cv2.INTER_AREA,
-                          borderMode=cv2.BORDER_REFLECT_101)
+def warped_face(size: int, source: np.ndarray | None = None, **motion) -> np.ndarray:
+    return cv2.warpAffine(astronaut() if source is None else source, warp_matrix(size, **motion), (size, size),
+                          flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT_101)
+
+
+def hand_over_mouth(image: np.ndarray) -> np.ndarray:
+    """Four fingers across the mouth, in the face's own cheek colour with creases between them."""
+    out = image.copy()
+    skin = np.median(image[CHEEK].reshape(-1, 3), axis=0)
+    cx, finger = MOUTH_CENTRE[0], 12
+    for k in range(4):
+        y = MOUTH_CENTRE[1] - 23 + (k + 0.5) * finger
+        cv2.ellipse(out, (cx + 4 * k, round(y)), (41, finger // 2), 0, 0, 360, (skin * (0.93 + 0.03 * (k % 2))).tolist(),
+                    -1, cv2.LINE_AA)
+        cv2.line(out, (cx - 35, round(y + finger / 2)), (cx + 39, round(y + finger / 2)), (skin * 0.75).tolist(), 1,
+                 cv2.LINE_AA)
+    return out
 
 
 def motion(k: int, n: int) -> dict:
@@ -89,7 +105,7 @@ def test_relative_poses_follow_the_known_warps(moving_clip):
 def test_reprojection_and_jitter_figures(moving_clip):
     _, manifest, workdir = moving_clip
     assert manifest.reprojection_error_px < 2.0
-    assert manifest.n_valid == manifest.n_frames and manifest.gaps == []
+    assert manifest.n_valid == manifest.n_frames and manifest.gaps == [] and manifest.mouth_covered == []
     assert not any("second face" in w for w in manifest.warnings)
     assert 0 < manifest.jitter_smoothed_px <= manifest.jitter_raw_px * 1.05
     landmarks = np.load(workdir / "landmarks.npy")
@@ -190,6 +206,29 @@ def test_short_gap_is_interpolated_and_marked(tmp_path):
     lm = np.load(tmp_path / "landmarks.npy")
     assert np.allclose(lm[13], lm[11] + (lm[16] - lm[11]) * 2 / 5, atol=1e-3)  # linear in time
     assert any("interpolated" in w for w in manifest.warnings)
+
+
+def test_hand_over_the_mouth_is_marked_and_left_out_of_training(tmp_path):
+    """FaceMesh still returns a mesh under the hand (a closed-mouth guess, pose intact): the
+    frames stay valid, are marked mouth-covered, named in a warning and never drawn for training."""
+    from gstalker_core.lipsync import mouth_opening
+
+    n, size, covered = 50, 128, range(20, 30)
+    hand = hand_over_mouth(astronaut())
+    frames = [warped_face(size, source=hand if k in covered else None, **motion(k, n)) for k in range(n)]
+    manifest = track_clip(frames, TrackConfig(qa_video=False), tmp_path, chunk_frames=16)
+    assert manifest.mouth_covered == [FrameRange(start=20, stop=30)]
+    assert manifest.n_valid == n  # the rigid points, and so the pose, are unaffected
+    assert any("mouth looks covered" in w and "frames 20-29" in w for w in manifest.warnings)
+    arrays = TrackArrays.load({p.name: p for p in tmp_path.iterdir()})
+    assert np.flatnonzero(arrays.mouth_covered).tolist() == list(covered)
+    opening = mouth_opening(arrays.landmarks)
+    assert opening[list(covered)].max() < 0.5 * np.median(opening)  # the mouth landmarks there are a guess
+    labels = ChunkReader(sorted(tmp_path.glob(f"{LABELS}_*.npz")), manifest.chunk_frames, n)
+    train = SpeakerDataset(frames, labels, manifest, arrays, split="train")
+    drawn = {train.index_at(step) for step in range(3 * len(train))}
+    assert drawn == set(range(manifest.train.stop)) - set(covered)
+    assert train[25].index == 25  # indexing still reaches the covered frames
 
 
 def test_scene_cut_is_refused(tmp_path):

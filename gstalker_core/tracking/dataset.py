@@ -3,6 +3,10 @@
 Frames (ingest) and labels (track) are chunked alike, so a pass that visits the frames
 chunk by chunk decompresses each chunk once; the random order is therefore grouped by
 chunk: chunks in random order, frames in random order within a chunk.
+
+The order (what training draws) leaves out frames whose mouth the tracker found covered:
+a hand over the mouth would teach the head a hand and the audio a frozen mouth. Indexing
+still reaches every frame of the split.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 
 from ..audio import frame_windows
 from ..frames import ChunkReader
-from .track import BLINK, INTRINSICS, LANDMARKS, TEMPLATE, VALID, VIEWMATS, TrackManifest
+from .track import BLINK, INTRINSICS, LANDMARKS, MOUTH_COVERED, TEMPLATE, VALID, VIEWMATS, TrackManifest
 
 
 @dataclass
@@ -26,11 +30,13 @@ class TrackArrays:
     landmarks: np.ndarray  # (N, 478, 3) float32: pixel x, y; relative depth z in pixels
     blink: np.ndarray  # (N,) float32 eye closure in [0, 1]
     valid: np.ndarray  # (N,) bool, False where interpolated
+    mouth_covered: np.ndarray  # (N,) bool, True where a hand (or object) hides the mouth
     template: np.ndarray  # (478, 3) float32 world points
 
     @classmethod
     def load(cls, parts: dict[str, Path]) -> "TrackArrays":
-        return cls(*(np.load(parts[name]) for name in (VIEWMATS, INTRINSICS, LANDMARKS, BLINK, VALID, TEMPLATE)))
+        names = (VIEWMATS, INTRINSICS, LANDMARKS, BLINK, VALID, MOUTH_COVERED, TEMPLATE)
+        return cls(*(np.load(parts[name]) for name in names))
 
 
 @dataclass
@@ -60,6 +66,7 @@ class SpeakerDataset(torch.utils.data.IterableDataset):
         self.frames, self.labels, self.manifest, self.arrays = frames, labels, manifest, arrays
         part = {"train": manifest.train, "test": manifest.test}.get(split)
         self.indices = np.arange(part.start, part.stop) if part else np.arange(manifest.n_frames)
+        self.drawn = self.indices[~arrays.mouth_covered[self.indices]]
         self.audio_features, self.step_window = audio_features, step_window
         self.shuffle, self.seed, self._epoch = shuffle, seed, 0
         self._cached_order: tuple[int, np.ndarray | None] = (-1, None)
@@ -82,22 +89,22 @@ class SpeakerDataset(torch.utils.data.IterableDataset):
                       blink=torch.tensor(float(a.blink[i])), valid=bool(a.valid[i]), audio=audio)
 
     def order(self, epoch: int = 0) -> np.ndarray:
-        """Frame indices of epoch ``epoch``: chunk-grouped random order (or in order).
+        """Frame indices of epoch ``epoch`` (covered mouths left out): chunk-grouped random order (or in order).
 
         The order depends only on (seed, epoch), so a training run resumed at any step
         draws exactly the frames an uninterrupted run would.
         """
         if not self.shuffle:
-            return self.indices
+            return self.drawn
         rng = np.random.default_rng([self.seed, epoch])
-        chunk = self.indices // self.manifest.chunk_frames
-        groups = [self.indices[chunk == c] for c in np.unique(chunk)]
+        chunk = self.drawn // self.manifest.chunk_frames
+        groups = [self.drawn[chunk == c] for c in np.unique(chunk)]
         rng.shuffle(groups)
         return np.concatenate([rng.permutation(g) for g in groups])
 
     def index_at(self, step: int) -> int:
         """The frame a training loop visits at ``step`` (epochs back to back)."""
-        epoch, k = divmod(step, len(self.indices))
+        epoch, k = divmod(step, len(self.drawn))
         if self._cached_order[0] != epoch:
             self._cached_order = (epoch, self.order(epoch))
         return int(self._cached_order[1][k])

@@ -38,6 +38,10 @@ FACE_OVAL = np.array([10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288,
 # ears, which hang below the top of the jaw, stay head.
 JAW = np.array([58, 172, 136, 150, 149, 176, 148, 152, 377, 400, 378, 379, 365, 397, 288])
 CHIN, FOREHEAD = 152, 10
+# Outer lip contour, in order around the mouth (mediapipe FACEMESH_LIPS, outer loop).
+OUTER_LIPS = np.array([61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185])
+# Cheekbones and the skin under the eyes: bare skin that a hand over the mouth rarely reaches.
+CHEEK_SKIN = np.array([50, 280, 118, 347, 101, 330])
 # Eye-aspect-ratio points: corner, upper, upper, corner, lower, lower (both eyes).
 EYES = (np.array([33, 160, 158, 133, 153, 144]), np.array([362, 385, 387, 263, 373, 380]))
 OUTER_EYE_CORNERS = (33, 263)

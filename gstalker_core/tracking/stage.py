@@ -1,7 +1,7 @@
 """The ``track`` stage: ingest frames -> landmarks, poses, intrinsics, blink, labels, plate, QA video.
 
 Stage parts: ``labels_<chunk>.npz`` (chunked like the frames), the arrays named in
-``track`` (viewmats.npy, K.npy, landmarks.npy, blink.npy, valid.npy, template.npy),
+``track`` (viewmats.npy, K.npy, landmarks.npy, blink.npy, valid.npy, mouth_covered.npy, template.npy),
 plate.png, qa.mp4. Stage meta: ``TrackManifest``.
 """
 
@@ -17,7 +17,7 @@ from .dataset import SpeakerDataset, TrackArrays
 from .track import LABELS, Progress, TrackManifest, track_clip
 
 STAGE = "track"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: mouth_covered.npy
 
 
 def stage_key(ingest_run: StageManifest, cfg: PipelineConfig) -> str:

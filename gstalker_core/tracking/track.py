@@ -4,10 +4,10 @@
 tests, the ingest stage's ``ChunkReader`` in the pipeline) and makes two streaming passes:
 
 1. detection: FaceMesh landmarks, selfie-segmentation person mask (kept as a temporary
-   chunked sequence), frame level and difference (black frames, scene cuts), and a sample
-   of frames + masks for the background plate;
-2. after the clip-level solves (template, focal, poses, gaps, smoothing, blink): labels
-   from person mask + landmarks, then the QA video.
+   chunked sequence), frame level and difference (black frames, scene cuts), lip/cheek
+   colour contrast (covered mouth), and a sample of frames + masks for the background plate;
+2. after the clip-level solves (template, focal, poses, gaps, smoothing, blink, covered
+   mouth): labels from person mask + landmarks, then the QA video.
 
 Memory: the per-frame tracks (478 points) and at most ``plate_frames`` sampled frames,
 plus one chunk of frames / masks; never the whole clip's pixels.
@@ -30,14 +30,15 @@ from . import pose
 from .blink import eye_aspect_ratio, normalise_blink
 from ..config import TrackConfig
 from .landmarks import FACE_OVAL, N_LANDMARKS, STABLE, make_backend
+from .occlusion import covered_mouth, mouth_skin_contrast
 from .parsing import Parser
 from .plate import background_plate
 
 Progress = Callable[[int, Optional[int]], None]
 
 LABELS = "labels"
-VIEWMATS, INTRINSICS, LANDMARKS, BLINK, VALID, TEMPLATE = (
-    "viewmats.npy", "K.npy", "landmarks.npy", "blink.npy", "valid.npy", "template.npy")
+VIEWMATS, INTRINSICS, LANDMARKS, BLINK, VALID, MOUTH_COVERED, TEMPLATE = (
+    "viewmats.npy", "K.npy", "landmarks.npy", "blink.npy", "valid.npy", "mouth_covered.npy", "template.npy")
 PLATE, QA_VIDEO = "plate.png", "qa.mp4"
 SMOOTHING = "zero-lag one-euro: mean of forward and backward one-euro passes over rotation (deg) and translation (cm)"
 THUMB = 32  # side of the grey thumbnails used for black-frame and scene-cut detection
@@ -76,6 +77,7 @@ class TrackManifest(BaseModel):
     blink_mean: float
     n_valid: int
     gaps: list[FrameRange]  # interpolated runs (valid=False inside)
+    mouth_covered: list[FrameRange]  # mouth hidden (hand over it): landmarks there guessed, frames not trained on
     plate_inpainted_fraction: float
     warnings: list[str]
     train: FrameRange
@@ -105,6 +107,7 @@ def _detect_pass(frames: Sequence[np.ndarray], cfg: TrackConfig, person_writer: 
     landmarks = np.zeros((n, N_LANDMARKS, 3), np.float32)
     found = np.zeros(n, bool)
     level, change = np.zeros(n), np.zeros(n)
+    mouth_contrast = np.full(n, np.nan)
     plate_at = set(np.linspace(0, n - 1, min(cfg.plate_frames, n)).round().astype(int).tolist())
     plate_frames, plate_masks = [], []
     second_face_checks, second_faces = 0, 0
@@ -127,6 +130,7 @@ def _detect_pass(frames: Sequence[np.ndarray], cfg: TrackConfig, person_writer: 
                 points = backend.detect(frame)
                 if points is not None:
                     landmarks[i], found[i] = points, True
+                    mouth_contrast[i] = mouth_skin_contrast(frame, points)
                 person = segmenter.process(frame).segmentation_mask > cfg.person_threshold
                 if i % SECOND_FACE_EVERY == 0:
                     faces = detector.process(frame).detections or []
@@ -142,7 +146,7 @@ def _detect_pass(frames: Sequence[np.ndarray], cfg: TrackConfig, person_writer: 
         backend.close()
         segmenter.close()
         detector.close()
-    return dict(landmarks=landmarks, found=found, level=level, change=change,
+    return dict(landmarks=landmarks, found=found, level=level, change=change, mouth_contrast=mouth_contrast,
                 plate_frames=np.stack(plate_frames), plate_masks=np.stack(plate_masks),
                 second_face_share=second_faces / max(second_face_checks, 1))
 
@@ -257,6 +261,13 @@ def track_clip(frames: Sequence[np.ndarray] | ChunkReader, cfg: TrackConfig, wor
                             "landmarks there are less reliable; trim those stretches if the QA video shows errors")
 
         blink, open_ear, closed_ear = normalise_blink(eye_aspect_ratio(landmarks), valid)
+        covered = covered_mouth(det["mouth_contrast"], valid, cfg.mouth_cover_ratio)
+        covered_ranges = frame_ranges(covered)
+        if covered_ranges:
+            warnings.append(f"the mouth looks covered (a hand or an object over it) in "
+                            f"{describe(covered_ranges, fps)}: its landmarks there are guesses, so those "
+                            f"{int(covered.sum())} frame(s) are left out of training; check the QA video, and "
+                            "lower track.mouth_cover_ratio if the mouth is in fact visible")
 
         parser = Parser(height, width, cfg.neck_half_width, cfg.neck_length)
         label_writer = ChunkWriter(workdir, LABELS, chunk_frames)
@@ -270,7 +281,7 @@ def track_clip(frames: Sequence[np.ndarray] | ChunkReader, cfg: TrackConfig, wor
                                         round(cfg.plate_dilate_fraction * width))
     cv2.imwrite(str(workdir / PLATE), cv2.cvtColor(plate, cv2.COLOR_RGB2BGR))
     for name, array in ((VIEWMATS, views), (INTRINSICS, K.astype(np.float32)), (LANDMARKS, landmarks),
-                        (BLINK, blink), (VALID, valid), (TEMPLATE, template)):
+                        (BLINK, blink), (VALID, valid), (MOUTH_COVERED, covered), (TEMPLATE, template)):
         np.save(workdir / name, array)
     if cfg.qa_video:
         from .qa import write_qa_video
@@ -287,5 +298,5 @@ def track_clip(frames: Sequence[np.ndarray] | ChunkReader, cfg: TrackConfig, wor
         jitter_raw_px=pose.jitter(proj_raw), jitter_smoothed_px=pose.jitter(proj),
         jitter_landmarks_px=pose.jitter(observed), smoothing=SMOOTHING,
         blink_open_ear=open_ear, blink_closed_ear=closed_ear, blink_mean=float(blink.mean()),
-        n_valid=int(valid.sum()), gaps=gaps, plate_inpainted_fraction=inpainted, warnings=warnings,
-        train=train, test=test)
+        n_valid=int(valid.sum()), gaps=gaps, mouth_covered=covered_ranges, plate_inpainted_fraction=inpainted,
+        warnings=warnings, train=train, test=test)
