@@ -62,6 +62,18 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert torch.equal(_render(model)[0], _render(loaded)[0])
 
 
+def test_state_carries_the_densification_statistics(tmp_path):
+    """A checkpoint between two densifications must not lose the gradients gathered since the last one."""
+    model = _model(densify_from=0, densify_every=1000)
+    image, _, meta = _render(model)
+    image.mean().backward()
+    model.densify_step(0, meta, model.make_optimizer())
+    assert model.grad_count.sum() > 0
+    restored = GaussianModel.from_state(model.state())
+    assert torch.equal(restored.grad_accum, model.grad_accum) and torch.equal(restored.grad_count, model.grad_count)
+    assert GaussianModel.load(model.save(tmp_path / "g.safetensors")).grad_count.sum() == 0  # a saved set starts afresh
+
+
 def test_ply_export_has_the_3dgs_layout(tmp_path):
     model = _model(n=50, sh_degree=1)
     path = model.export_ply(tmp_path / "head.ply")

@@ -156,10 +156,14 @@ class GaussianModel(nn.Module):
 
     # -- persistence -----------------------------------------------------------------------
     def state(self) -> dict:
-        return {"config": self.cfg.model_dump(), "params": {p: getattr(self, p).detach().clone() for p in PARAMS}}
+        """What a resumed training run needs: config, parameters and the densification statistics
+        gathered since the last densification (a checkpoint rarely falls on one)."""
+        return {"config": self.cfg.model_dump(), "params": {p: getattr(self, p).detach().clone() for p in PARAMS},
+                "densify": {"grad_accum": self.grad_accum.clone(), "grad_count": self.grad_count.clone()}}
 
     @classmethod
     def from_state(cls, state: dict) -> "GaussianModel":
+        """The model of ``state()``; without statistics (a saved file) they start at zero."""
         cfg = GaussianConfig.model_validate(state["config"])
         params = state["params"]
         n = len(params["means"])
@@ -167,6 +171,9 @@ class GaussianModel(nn.Module):
         for p in PARAMS:
             setattr(model, p, nn.Parameter(params[p].clone()))
         model._reset_stats()
+        if "densify" in state:
+            model.grad_accum = state["densify"]["grad_accum"].clone()
+            model.grad_count = state["densify"]["grad_count"].clone()
         return model
 
     def save(self, path: Path) -> Path:
