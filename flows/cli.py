@@ -11,16 +11,20 @@ import os
 import sys
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from gstalker_core import __version__
 from gstalker_core.config import PipelineConfig, load_config
 from gstalker_core.errors import GstalkerError
+
+if TYPE_CHECKING:
+    from tasks.stages import StageDisplay
 
 app = typer.Typer(help="gstalker: audio-driven 3D Gaussian talking heads.", pretty_exceptions_enable=False,
                   no_args_is_help=True, add_completion=False)
@@ -51,6 +55,59 @@ def _progress(label: str) -> Iterator:
                   console=console, transient=True) as bar:
         task = bar.add_task(label, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@contextmanager
+def _training_bars() -> Iterator[StageDisplay]:
+    """A bar per training stage with the loss and PSNR of its latest step. Each is live only
+    while its stage trains (the other stages' native libraries write straight to the terminal,
+    across any live display), then stays on screen with the stage's final figures."""
+    columns = (TextColumn("[bold]{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}  PSNR {task.fields[psnr]:5.2f} dB"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    # markup off: Prefect's log lines print through this console too, and must print as they are
+    live_console = Console(stderr=True, markup=False)
+    bars: dict[str, tuple[Progress, TaskID]] = {}
+
+    def show(stage: str, done: int, total: Optional[int], info: dict) -> None:
+        fields = dict(completed=done, total=total, loss=info["loss"], psnr=info["psnr"])
+        if stage in bars and bars[stage][0].live.is_started:
+            bar, task = bars[stage]
+            bar.update(task, **fields)
+        else:  # the stage's first report, or a retry's
+            bar = Progress(*columns, console=live_console)
+            bar.start()
+            bars[stage] = (bar, bar.add_task(stage, **fields))
+        if done == total:
+            bar.stop()
+
+    with _prefect_logs_through(live_console):
+        try:
+            yield show
+        finally:
+            for bar, _ in bars.values():
+                bar.stop()
+
+
+@contextmanager
+def _prefect_logs_through(live_console: Console) -> Iterator[None]:
+    """Prefect's console log handlers print through rich consoles of their own, straight across
+    live bars; for the block they print through ``live_console`` (the bars'), above the bars."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(),
+               *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    handlers = {h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}
+    own = {h: h.console for h in handlers}
+    for h in handlers:
+        h.console = live_console
+    try:
+        yield
+    finally:
+        for h, prefect_console in own.items():
+            h.console = prefect_console
 
 
 def _version(value: bool) -> None:
@@ -124,9 +181,11 @@ def train(video: str = typer.Argument(..., help="local path or s3:// URL of the 
     validate_speaker(speaker)
     _config(profile, config, set_, store)  # fail on bad config before starting Prefect
     from flows.train_speaker import train_speaker
+    from tasks.stages import progress_shown_by
 
-    keys = train_speaker(video=video, speaker=speaker, profile=profile, overrides=_overrides(set_, store),
-                         config_file=config)
+    with _training_bars() as bars, progress_shown_by(bars):
+        keys = train_speaker(video=video, speaker=speaker, profile=profile, overrides=_overrides(set_, store),
+                             config_file=config)
     table = Table("stage", "content key", title=f"train-speaker {speaker}")
     for stage, key in keys.items():
         table.add_row(stage, key)

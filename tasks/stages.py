@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -118,8 +119,27 @@ def _static_still(store, bundle_run: StageManifest) -> str:
     return static.parts[static_fit.HELDOUT].key if static else "(missing)"
 
 
+# Where the CLI runs the flow in its own process, it shows each training stage as a live bar;
+# a worker has no terminal and leaves this None. A process-wide hook, not a context variable:
+# Prefect may run a task in another thread than the one that started the flow.
+StageDisplay = Callable[[str, int, Optional[int], dict], None]
+_display: StageDisplay | None = None
+
+
+@contextmanager
+def progress_shown_by(display: StageDisplay) -> Iterator[None]:
+    """Also send every long stage's progress ``(stage, done, total, info)`` in this process to ``display``."""
+    global _display
+    _display = display
+    try:
+        yield
+    finally:
+        _display = None
+
+
 def _progress_logger(stage: str, every_s: float = 30.0):
-    """Progress of a long task: a Prefect progress artifact and a log line every ``every_s`` seconds."""
+    """Progress of a long task: a Prefect progress artifact and a log line every ``every_s`` seconds,
+    and every step to the local display if there is one."""
     import time
 
     logger = get_run_logger()
@@ -127,6 +147,8 @@ def _progress_logger(stage: str, every_s: float = 30.0):
     last = [0.0]
 
     def report(done: int, total: int | None, info: dict | None = None) -> None:
+        if _display is not None:
+            _display(stage, done, total, info or {})
         now = time.monotonic()
         if now - last[0] >= every_s or done == total:
             last[0] = now
