@@ -235,12 +235,18 @@ def submit(video: str = typer.Argument(..., help="local path (uploaded to the st
     """Queue a training run on the train-speaker deployment (Prefect server in PREFECT_API_URL)."""
     from flows.submit import submit_training, ui_link
 
-    run, created = submit_training(video, speaker, profile, _overrides(set_, store), config)
-    if created:
-        out.print(f"submitted train-speaker for {speaker}: flow run {run.id}")
-    else:
+    sub = submit_training(video, speaker, profile, _overrides(set_, store), config)
+    run = sub.run
+    if not sub.created:
         out.print(f"already submitted with the same video and config: flow run {run.id} "
                   f"({run.state.name if run.state else 'pending'}); not queued again")
+        if run.state and run.state.is_running():  # Prefect cannot tell a busy worker from a dead one
+            out.print("  if its worker died, mark the run Crashed (UI: the run's menu, Change state), then submit again")
+    elif sub.replaces is not None:
+        out.print(f"submitted train-speaker for {speaker}: flow run {run.id}, replacing {sub.replaces.id} "
+                  f"({sub.replaces.state.name}); stages it finished are reused")
+    else:
+        out.print(f"submitted train-speaker for {speaker}: flow run {run.id}")
     out.print(f"  {ui_link(run)}", highlight=False)
 
 

@@ -8,14 +8,15 @@ from gstalker_core import dub as dubbing
 from gstalker_core.config import PipelineConfig, load_config
 from gstalker_core.naming import validate_speaker
 from gstalker_core.storage import open_store
+from tasks.gpu import gpu_slot
 from tasks.stages import retry_transient
 
 
 @task(name="render-dub", task_run_name="render-dub-{speaker}", tags=["gpu"], retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=retry_transient)
 def render_dub(speaker: str, audio: str, cfg: PipelineConfig) -> str:
-    result = dubbing.run(open_store(cfg), speaker, audio, cfg)
-    return result.key
+    with gpu_slot():
+        return dubbing.run(open_store(cfg), speaker, audio, cfg).key
 
 
 @flow(name="dub", flow_run_name="dub-{speaker}", log_prints=True)

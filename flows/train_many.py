@@ -1,7 +1,7 @@
 """train-many: one train-speaker flow run per video, spread over the work pool's workers.
 
 Each speaker is its own flow run of the ``train-speaker`` deployment, so workers on many
-machines pick them up in parallel; the ``gpu`` tag concurrency limit keeps GPU stages to
+machines pick them up in parallel; each machine's GPU limit (tasks/gpu.py) keeps GPU stages to
 the GPUs there are while CPU stages (ingest, tracking) of other speakers proceed. One
 speaker failing fails that speaker's run only; this flow reports each outcome.
 """

@@ -20,7 +20,8 @@ from prefect.context import TaskRunContext
 from gstalker_core import audio, evaluate, ingest, speakers, static_fit, tracking, train_deform
 from gstalker_core.config import PipelineConfig
 from gstalker_core.errors import ConfigError, InputError
-from gstalker_core.storage import StageManifest, StageRun, find_stage, open_store
+from gstalker_core.storage import ArtifactStore, StageManifest, StageRun, find_stage, open_store
+from tasks.gpu import gpu_slot
 
 
 def stage_cache_key(key_of: Callable[..., str]) -> Callable[[TaskRunContext, dict[str, Any]], str]:
@@ -73,20 +74,35 @@ def track_and_parse(ingest_run: StageManifest, cfg: PipelineConfig, speaker: str
     return _report(tracking.run(open_store(cfg), ingest_run, cfg))
 
 
-# GPU stages carry the `gpu` tag: a Prefect tag concurrency limit keeps them to the GPUs a
-# worker has, while CPU stages of other speakers go on (see infra/README.md).
+def _gpu_stage(stage: str, key: str, cfg: PipelineConfig,
+               build: Callable[[ArtifactStore], StageRun]) -> StageManifest:
+    """A GPU stage holds one of its host's GPU slots (tasks/gpu.py) while it builds, so CPU
+    stages of other speakers go on beside it. A stage already in the store (built on another
+    machine, where Prefect's cache does not reach) is read without queueing for a GPU."""
+    store = open_store(cfg)
+    done = find_stage(store, stage, key)
+    if done is not None:
+        return _report(StageRun(done, True))
+    with gpu_slot():
+        return _report(build(store))
+
+
+# The `gpu` tag lets the UI filter GPU stages; their limit is per host (tasks/gpu.py).
 @task(name="fit-static", task_run_name="fit-static-{speaker}", cache_key_fn=stage_cache_key(static_fit.stage_key),
       tags=["gpu"], **STAGE_TASK)
 def fit_static(track_run: StageManifest, ingest_run: StageManifest, cfg: PipelineConfig, speaker: str = "") -> StageManifest:
-    return _report(static_fit.run(open_store(cfg), ingest_run, track_run, cfg, progress=_progress_logger("fit-static")))
+    key = static_fit.stage_key(track_run, ingest_run, cfg)
+    return _gpu_stage(static_fit.STAGE, key, cfg, lambda store: static_fit.run(
+        store, ingest_run, track_run, cfg, progress=_progress_logger("fit-static")))
 
 
 @task(name="train-deformation", task_run_name="train-deformation-{speaker}",
       cache_key_fn=stage_cache_key(train_deform.stage_key), tags=["gpu"], **STAGE_TASK)
 def train_deformation(track_run: StageManifest, audio_run: StageManifest, static_run: StageManifest,
                       cfg: PipelineConfig, ingest_run: StageManifest, speaker: str = "") -> StageManifest:
-    return _report(train_deform.run(open_store(cfg), ingest_run, track_run, audio_run, static_run, cfg,
-                                    progress=_progress_logger("train-deformation")))
+    key = train_deform.stage_key(track_run, audio_run, static_run, cfg)
+    return _gpu_stage(train_deform.STAGE, key, cfg, lambda store: train_deform.run(
+        store, ingest_run, track_run, audio_run, static_run, cfg, progress=_progress_logger("train-deformation")))
 
 
 @task(name="evaluate", task_run_name="evaluate-{speaker}", cache_key_fn=stage_cache_key(evaluate.stage_key),
@@ -94,7 +110,9 @@ def train_deformation(track_run: StageManifest, audio_run: StageManifest, static
 def evaluate_model(bundle_run: StageManifest, ingest_run: StageManifest, cfg: PipelineConfig,
                    track_run: StageManifest, audio_run: StageManifest, static_run: StageManifest,
                    speaker: str = "") -> StageManifest:
-    return _report(evaluate.run(open_store(cfg), ingest_run, track_run, audio_run, static_run, bundle_run, cfg))
+    key = evaluate.stage_key(bundle_run, ingest_run, cfg)
+    return _gpu_stage(evaluate.STAGE, key, cfg, lambda store: evaluate.run(
+        store, ingest_run, track_run, audio_run, static_run, bundle_run, cfg))
 
 
 @task(name="publish-speaker", task_run_name="publish-{speaker}", retries=2, retry_delay_seconds=5)

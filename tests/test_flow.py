@@ -1,16 +1,19 @@
-"""The train-speaker flow under Prefect's test harness (a real local API, offline)."""
+"""The train-speaker flow and the per-host GPU limit under Prefect's test harness (a real local API, offline)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
+from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.train_speaker import train_speaker
-from gstalker_core.errors import InputError
+from gstalker_core.errors import ConfigError, InputError
+from tasks.gpu import gpu_slot, host_gpus, limit_name
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +59,52 @@ def test_bad_speaker_name_fails_the_flow_with_the_reason(prefect_api, clip, tmp_
     assert state.is_failed()
     with pytest.raises(InputError, match="invalid speaker name"):
         state.result()
+
+
+def _most_gpu_tasks_at_once(n_tasks: int = 2, wait_s: float = 3.0) -> int:
+    """Run ``n_tasks`` concurrent tasks, each holding a GPU slot until all are inside or
+    ``wait_s`` passed; returns how many held a slot at the same time."""
+    inside, most = 0, 0
+    changed = threading.Condition()
+
+    @task
+    def on_gpu() -> None:
+        nonlocal inside, most
+        with gpu_slot(), changed:
+            inside += 1
+            most = max(most, inside)
+            changed.notify_all()
+            changed.wait_for(lambda: inside == n_tasks, timeout=wait_s)
+            inside -= 1
+
+    @flow
+    def gpu_work() -> None:
+        for future in [on_gpu.submit() for _ in range(n_tasks)]:
+            future.result()
+
+    gpu_work()
+    return most
+
+
+def test_gpu_tasks_on_one_host_share_its_gpu_limit(prefect_api, monkeypatch):
+    monkeypatch.setenv("GSTALKER_GPUS", "1")
+    assert _most_gpu_tasks_at_once() == 1  # one GPU: the second task waited for the first
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(limit_name()).limit == 1  # created on demand
+
+    monkeypatch.setenv("GSTALKER_GPUS", "2")  # the worker's GPU count is the truth: the limit follows it
+    assert _most_gpu_tasks_at_once() == 2
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(limit_name()).limit == 2
+
+
+def test_gpu_count_comes_from_the_environment_or_cuda(monkeypatch):
+    monkeypatch.setenv("GSTALKER_GPUS", "3")
+    assert host_gpus() == 3
+    monkeypatch.delenv("GSTALKER_GPUS")
+    assert host_gpus() >= 1  # a CPU-only machine counts as one
+    monkeypatch.setenv("GSTALKER_GPUS", "0")  # a Kubernetes pod that owns its GPU: no host limit
+    assert host_gpus() == 0
+    monkeypatch.setenv("GSTALKER_GPUS", "two")
+    with pytest.raises(ConfigError, match="GSTALKER_GPUS"):
+        host_gpus()

@@ -72,6 +72,8 @@ def test_compose_worker_requests_an_nvidia_gpu_and_stops_with_sigint():
     worker = _compose()["services"]["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] and d.get("count", 0) != 0 for d in devices)
+    # GPU stages queue on limit gpu-<hostname>: a fixed hostname keeps it one limit across container restarts.
+    assert worker["hostname"] and "GSTALKER_GPUS" in worker["environment"]
     assert worker["stop_signal"] == "SIGINT"  # `prefect worker start` ignores SIGTERM
     assert worker["command"][:7] == ["prefect", "worker", "start", "--pool", "gstalker", "--type", "process"]
 
@@ -104,8 +106,7 @@ def test_compose_services_wait_for_healthy_dependencies():
         "bucket-init": {"condition": "service_completed_successfully"},
     }
     setup = services["prefect-setup"]["command"][-1]
-    for line in ("prefect work-pool create gstalker --type process", "prefect concurrency-limit create gpu",
-                 "prefect deploy --all"):
+    for line in ("prefect work-pool create gstalker --type process", "prefect deploy --all"):
         assert line in setup
     assert "-s3.allowDeleteBucketNotEmpty=false" in services["seaweedfs"]["command"]
 
@@ -302,6 +303,7 @@ def test_rendered_gpu_job_requests_one_gpu_on_gpu_nodes_with_s3_keys_from_a_secr
     env = {e["name"]: e["value"] for e in container["env"]}
     assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_ACCESS_KEY_ID" not in env
     assert env["GSTALKER_STORE__URL"] == "s3://gstalker/prod"
+    assert env["GSTALKER_GPUS"] == "0"  # the pod owns its GPU: no per-host limit (one per pod otherwise)
     dockerfile_uid = re.search(r"^ARG UID=(\d+)$", (INFRA / "Dockerfile").read_text(), re.M).group(1)
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == int(dockerfile_uid)
     assert "{{" not in json.dumps(job)  # every placeholder has a value

@@ -1,0 +1,64 @@
+"""One slot per GPU of the machine a task runs on.
+
+A tag concurrency limit (`gpu`) counts task runs across the whole server: with two one-GPU
+boxes and a limit of 1, one box would sit idle. So a GPU stage takes a slot of a Prefect
+global concurrency limit named after its host, ``gpu-<hostname>``, sized to that host's GPUs
+and created by the first GPU task that runs there. ``GSTALKER_GPUS=0`` turns it off where
+the process owns its GPUs already (a Kubernetes pod given ``nvidia.com/gpu``): there each
+pod is its own host and would leave one limit per flow run on the server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prefect.client.orchestration import get_client
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
+
+from gstalker_core.errors import ConfigError
+
+# Slots are leases the holder renews every 3/4 of this; a dead machine's slots come back
+# this long after it died, instead of Prefect's default 300 s.
+LEASE_S = 60.0
+
+
+def host_gpus() -> int:
+    """GPUs on this machine: GSTALKER_GPUS, else what CUDA sees, at least 1 (a CPU box runs
+    one GPU stage at a time); 0 means no host limit."""
+    raw = os.environ.get("GSTALKER_GPUS", "").strip()
+    if raw:
+        if not raw.isdigit():
+            raise ConfigError(f"GSTALKER_GPUS={raw!r} is not a whole number",
+                              "set it to the number of GPUs on this machine (e.g. GSTALKER_GPUS=2), 0 for no "
+                              "host limit, or unset it to count them with torch.cuda.device_count()")
+        return int(raw)
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def limit_name() -> str:
+    return f"gpu-{socket.gethostname().lower()}"
+
+
+@contextmanager
+def gpu_slot() -> Iterator[None]:
+    """Hold one of this host's GPU slots for the block; waits while all are taken."""
+    gpus = host_gpus()
+    if gpus == 0:
+        yield
+        return
+    name = limit_name()
+    with get_client(sync_client=True) as client:
+        try:  # the worker's own GPU count is the truth: set GSTALKER_GPUS to change the limit
+            client.upsert_global_concurrency_limit_by_name(name, gpus)
+        except ObjectAlreadyExists:
+            pass  # another task on this host created it between our read and our create
+    # strict: never run unlimited if the limit vanished; a failed lease renewal only logs,
+    # it must not abort hours of training.
+    with concurrency(name, occupy=1, lease_duration=LEASE_S, strict=True, raise_on_lease_renewal_failure=False):
+        yield
