@@ -63,14 +63,14 @@ def _training_bars() -> Iterator[StageDisplay]:
     while its stage trains (the other stages' native libraries write straight to the terminal,
     across any live display), then stays on screen with the stage's final figures."""
     columns = (TextColumn("[bold]{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("loss {task.fields[loss]:.4f}  PSNR {task.fields[psnr]:5.2f} dB"),
+               TextColumn("{task.fields[figures]}"),
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     # markup off: Prefect's log lines print through this console too, and must print as they are
     live_console = Console(stderr=True, markup=False)
     bars: dict[str, tuple[Progress, TaskID]] = {}
 
     def show(stage: str, done: int, total: Optional[int], info: dict) -> None:
-        fields = dict(completed=done, total=total, loss=info["loss"], psnr=info["psnr"])
+        fields = dict(completed=done, total=total, figures=_figures(info))
         if stage in bars and bars[stage][0].live.is_started:
             bar, task = bars[stage]
             bar.update(task, **fields)
@@ -87,6 +87,17 @@ def _training_bars() -> Iterator[StageDisplay]:
         finally:
             for bar, _ in bars.values():
                 bar.stop()
+
+
+def _figures(info: dict) -> str:
+    """A step's figures for its bar: the loss, the PSNR of rendering steps, the landmark loss
+    of deformation training (its first phase renders nothing, so it has no PSNR)."""
+    parts = [f"loss {info['loss']:.4f}"]
+    if "psnr" in info:
+        parts.append(f"PSNR {info['psnr']:5.2f} dB")
+    if "landmark loss" in info:
+        parts.append(f"landmarks {info['landmark loss']:.3f}")
+    return "  ".join(parts)
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
+from prefect.settings import get_current_settings
 
 from gstalker_core.errors import ConfigError
 
@@ -49,7 +50,11 @@ def limit_name() -> str:
 def gpu_slot() -> Iterator[None]:
     """Hold one of this host's GPU slots for the block; waits while all are taken."""
     gpus = host_gpus()
-    if gpus == 0:
+    if gpus == 0 or not get_current_settings().api.url:
+        # Without PREFECT_API_URL each `gstalker` process starts a temporary server over the
+        # shared ~/.prefect database, and no lease reaper runs there: a slot held by a killed
+        # local run would never come back and every later local run would wait forever. A
+        # local run has no workers to share the GPU with, so it takes no slot.
         yield
         return
     name = limit_name()
