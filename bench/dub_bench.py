@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import soundfile
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,21 +105,18 @@ def fps(bundle: Bundle, frames: int, chunk: int) -> dict[str, float]:
             "end to end": frames / (render_s + feature_s + encode_s)}
 
 
-def peak_rss_of_dub(bundle_dir: Path, seconds: float) -> float:
-    """Peak RSS (MiB) of a separate process that dubs ``seconds`` of audio."""
+def peak_rss_of_dub(bundle_dir: Path, wav: Path) -> float:
+    """Peak RSS (MiB) of a separate process that dubs ``wav``; made by the caller, so that synthesising
+    the audio (float64 arrays of its whole length) does not count."""
     code = f"""
-import resource, sys, tempfile, numpy as np, soundfile
+import resource, sys, tempfile
 from pathlib import Path
 sys.path.insert(0, {str(REPO)!r})
-sys.path.insert(0, {str(REPO / 'bench')!r})
-from dub_bench import speech_like
 from gstalker_core.bundle import load_bundle
 from gstalker_core.config import DubConfig
 from gstalker_core.dub import dub
 with tempfile.TemporaryDirectory() as tmp:
-    wav = Path(tmp) / "a.wav"
-    soundfile.write(wav, speech_like({seconds}), 16000)
-    dub(load_bundle(Path({str(bundle_dir)!r})), wav, Path(tmp) / "o.mp4", DubConfig())
+    dub(load_bundle(Path({str(bundle_dir)!r})), Path({str(wav)!r}), Path(tmp) / "o.mp4", DubConfig())
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -147,7 +145,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = save_bundle(bundle, Path(tmp) / "bundle")
             for seconds in (10, 600):
-                print(f"  dub of {seconds:>4} s audio: peak RSS {peak_rss_of_dub(folder, seconds):.0f} MiB")
+                wav = Path(tmp) / f"{seconds}s.wav"
+                soundfile.write(wav, speech_like(seconds), 16000)
+                print(f"  dub of {seconds:>4} s audio: peak RSS {peak_rss_of_dub(folder, wav):.0f} MiB")
     print(f"bench peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

@@ -7,11 +7,17 @@ for frame i, a window of ``step_window`` steps centred on the frame's own two st
 The extractor and every parameter that changes the numbers are kept in
 ``AudioFeatureSpec``, stored with the features and with every model; features are only
 ever fed to a model whose spec is equal (``check_spec``).
+
+Audio of any length is read as a ``Signal``, block by block, and turned into features
+``CHUNK_STEPS`` at a time (with the STFT's overlap carried between chunks), so samples and
+spectrogram are never whole in memory; only the features (about 58 MB per hour) are.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import librosa
 import numpy as np
@@ -30,6 +36,11 @@ STEPS_PER_FRAME = 2
 # model should see speech content, not recording gain.
 TARGET_ACTIVE_RMS = 0.1
 ACTIVE_DB_BELOW_PEAK = 40.0
+RMS_FRAME, RMS_HOP = 1024, 256  # frames the loudness statistics are taken over
+BLOCK_SAMPLES = 1 << 16  # read granularity of a Signal
+# Frames per chunk (feature steps: ~41 s at 50 Hz): large enough that per-call overhead is nil, small
+# enough that a chunk's samples, spectrogram and librosa's framed copies are a few MB, whatever the length.
+CHUNK_STEPS = 2048
 
 
 class AudioFeatureSpec(BaseModel):
@@ -71,42 +82,146 @@ def check_spec(have: AudioFeatureSpec, want: AudioFeatureSpec, what: str = "thes
                          "extract features with the model's own spec (the dub command does this) or retrain the model")
 
 
-def normalise_loudness(samples: np.ndarray) -> np.ndarray:
-    """Scale so the RMS of the active (non-silent) part is TARGET_ACTIVE_RMS."""
-    frame_rms = librosa.feature.rms(y=samples, frame_length=1024, hop_length=256)[0]
+@dataclass(frozen=True)
+class Signal:
+    """Mono float32 audio that can be read (again and again) as consecutive blocks.
+
+    Feature extraction reads it twice (loudness, then log-mel), never holding it whole.
+    """
+
+    n_samples: int
+    sample_rate: int
+    blocks: Callable[[], Iterator[np.ndarray]]
+
+    @classmethod
+    def of_array(cls, samples: np.ndarray, sample_rate: int, block: int = BLOCK_SAMPLES) -> "Signal":
+        samples = np.asarray(samples, dtype=np.float32)
+        return cls(len(samples), sample_rate, lambda: (samples[i:i + block] for i in range(0, len(samples), block)))
+
+    @classmethod
+    def of_wav(cls, path: Path, block: int = BLOCK_SAMPLES) -> "Signal":
+        """A sound file read ``block`` samples at a time, channels averaged to mono."""
+        info = soundfile.info(str(path))
+
+        def blocks() -> Iterator[np.ndarray]:
+            for data in soundfile.blocks(str(path), blocksize=block, dtype="float32", always_2d=True):
+                yield data.mean(axis=1)
+
+        return cls(info.frames, info.samplerate, blocks)
+
+    @property
+    def duration_s(self) -> float:
+        return self.n_samples / self.sample_rate
+
+    def peak(self) -> float:
+        """Largest absolute sample value."""
+        return max((float(np.abs(block).max()) for block in self.blocks() if len(block)), default=0.0)
+
+
+@dataclass(frozen=True)
+class _Framing:
+    """Frame j is ``y[j * hop : j * hop + length]``, where y is ``lead`` zeros, then the signal
+    without its first ``skip`` samples, then zeros for ever (librosa's ``center=True`` is lead = length // 2)."""
+
+    length: int
+    hop: int
+    lead: int
+    skip: int = 0
+
+
+class _SampleReader:
+    """Exactly ``n`` samples per read from a stream of blocks of any size."""
+
+    def __init__(self, blocks: Iterator[np.ndarray]):
+        self._blocks = blocks
+        self._rest = np.zeros(0, np.float32)
+
+    def read(self, n: int) -> np.ndarray:
+        parts, have = [self._rest], len(self._rest)
+        while have < n:
+            block = next(self._blocks)
+            parts.append(block)
+            have += len(block)
+        joined = np.concatenate(parts)
+        self._rest = joined[n:]
+        return joined[:n]
+
+
+def _framed_stream(signal: Signal, framing: _Framing) -> Iterator[np.ndarray]:
+    """The y of ``framing`` as blocks; endless, the frame count decides where to stop."""
+    yield np.zeros(framing.lead, np.float32)
+    skip = framing.skip
+    for block in signal.blocks():
+        drop = min(skip, len(block))
+        skip -= drop
+        yield block[drop:]
+    while True:
+        yield np.zeros(BLOCK_SAMPLES, np.float32)
+
+
+def _frame_pieces(signal: Signal, framing: _Framing, n_frames: int, chunk_frames: int) -> Iterator[np.ndarray]:
+    """Per chunk of ``chunk_frames`` consecutive frames (of ``n_frames``), the samples that hold exactly
+    those frames, for librosa to frame with ``center=False``.
+
+    Consecutive pieces repeat the frames' overlap, so per-frame results equal the whole signal's.
+    """
+    reader = _SampleReader(_framed_stream(signal, framing))
+    carry = np.zeros(0, np.float32)  # the head of the next piece, already read
+    for first in range(0, n_frames, chunk_frames):
+        count = min(chunk_frames, n_frames - first)
+        length = (count - 1) * framing.hop + framing.length
+        piece = np.concatenate([carry, reader.read(length - len(carry))])
+        yield piece
+        advance = count * framing.hop
+        carry = piece[advance:]
+        reader.read(max(0, advance - length))  # frames shorter than the hop leave gaps: skip them
+
+
+def loudness_gain(signal: Signal) -> float:
+    """Gain that brings the RMS of the active (non-silent) part to TARGET_ACTIVE_RMS; 1 for digital silence."""
+    n_frames = 1 + signal.n_samples // RMS_HOP  # librosa's centred framing
+    pieces = _frame_pieces(signal, _Framing(RMS_FRAME, RMS_HOP, lead=RMS_FRAME // 2), n_frames, CHUNK_STEPS)
+    frame_rms = np.concatenate([librosa.feature.rms(y=piece, frame_length=RMS_FRAME, hop_length=RMS_HOP,
+                                                    center=False)[0] for piece in pieces])
     peak = float(frame_rms.max(initial=0.0))
     if peak <= 1e-6:
-        return samples  # digital silence: nothing to normalise (callers decide if that is an error)
+        return 1.0  # digital silence: nothing to normalise (callers decide if that is an error)
     active = frame_rms[frame_rms >= peak * 10 ** (-ACTIVE_DB_BELOW_PEAK / 20)]
-    gain = TARGET_ACTIVE_RMS / float(np.sqrt(np.mean(active**2)))
-    return (samples * gain).astype(np.float32)
+    return TARGET_ACTIVE_RMS / float(np.sqrt(np.mean(active**2)))
 
 
-def compute_features(samples: np.ndarray, spec: AudioFeatureSpec, n_frames: int | None = None) -> np.ndarray:
-    """[n_steps, n_features] float32 features of mono ``samples`` at ``spec.sample_rate``.
-
-    ``n_steps`` is ``2 * n_frames`` when given (the video's length rules), else
-    ``ceil(duration * 25) * 2`` so that every started video frame has its two steps.
-    """
-    samples = normalise_loudness(np.asarray(samples, dtype=np.float32))
-    hop = spec.hop_length
-    if n_frames is None:
-        n_frames = max(1, int(np.ceil(len(samples) / (hop * STEPS_PER_FRAME))))
-    n_steps = n_frames * STEPS_PER_FRAME
-    # librosa centres frame j at sample j*hop; dropping hop/2 samples centres it at (j+0.5)*hop.
-    shifted = samples[hop // 2:]
-    shifted = np.pad(shifted, (0, max(0, n_steps * hop - len(shifted))))
-    mel = librosa.feature.melspectrogram(y=shifted, sr=spec.sample_rate, n_fft=spec.n_fft, hop_length=hop,
+def _piece_features(piece: np.ndarray, spec: AudioFeatureSpec) -> np.ndarray:
+    """[steps, n_features] of a piece holding exactly those steps' STFT frames."""
+    mel = librosa.feature.melspectrogram(y=piece, sr=spec.sample_rate, n_fft=spec.n_fft, hop_length=spec.hop_length,
                                          n_mels=spec.n_features if spec.kind == "logmel" else 80,
-                                         fmin=spec.fmin, fmax=spec.fmax, center=True)
+                                         fmin=spec.fmin, fmax=spec.fmax, center=False)
     # Fixed reference (not the clip's max) so that loudness-normalised speech maps to the same range
     # in training clips and in dubbing audio.
     logmel = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
     feats = logmel if spec.kind == "logmel" else librosa.feature.mfcc(S=logmel, n_mfcc=spec.n_features)
-    feats = feats.T[:n_steps]
-    if len(feats) < n_steps:  # pad the tail with the last step (only possible by rounding)
-        feats = np.concatenate([feats, np.repeat(feats[-1:], n_steps - len(feats), axis=0)])
-    return np.ascontiguousarray(feats, dtype=np.float32)
+    return feats.T
+
+
+def compute_features(samples: np.ndarray | Signal, spec: AudioFeatureSpec, n_frames: int | None = None,
+                     chunk_steps: int = CHUNK_STEPS) -> np.ndarray:
+    """[n_steps, n_features] float32 features of mono ``samples`` at ``spec.sample_rate``, loudness-normalised.
+
+    ``n_steps`` is ``2 * n_frames`` when given (the video's length rules), else
+    ``ceil(duration * 25) * 2`` so that every started video frame has its two steps.
+    Computed ``chunk_steps`` at a time; the result does not depend on it (to float rounding).
+    """
+    signal = samples if isinstance(samples, Signal) else Signal.of_array(samples, spec.sample_rate)
+    hop = spec.hop_length
+    if n_frames is None:
+        n_frames = max(1, int(np.ceil(signal.n_samples / (hop * STEPS_PER_FRAME))))
+    n_steps = n_frames * STEPS_PER_FRAME
+    gain = loudness_gain(signal)
+    # librosa centres frame j at sample j*hop; dropping hop/2 samples centres it at (j+0.5)*hop.
+    framing = _Framing(spec.n_fft, hop, lead=spec.n_fft // 2, skip=hop // 2)
+    feats = np.empty((n_steps, spec.n_features), np.float32)
+    for first, piece in zip(range(0, n_steps, chunk_steps), _frame_pieces(signal, framing, n_steps, chunk_steps)):
+        feats[first:first + chunk_steps] = _piece_features(piece * gain, spec)
+    return feats
 
 
 def frame_windows(features: np.ndarray, frame_indices: np.ndarray | list[int], step_window: int) -> np.ndarray:
@@ -119,11 +234,6 @@ def frame_windows(features: np.ndarray, frame_indices: np.ndarray | list[int], s
     return features[idx]
 
 
-def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    samples, sample_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    return samples.mean(axis=1), sample_rate
-
-
 def stage_key(ingest_run: StageManifest, cfg: PipelineConfig) -> str:
     return content_key(STAGE, CODE_VERSION, cfg.audio, {"ingest": ingest_run.key})
 
@@ -133,13 +243,13 @@ def run(store: ArtifactStore, ingest_run: StageManifest, cfg: PipelineConfig) ->
     from . import ingest  # ingest imports mediapipe; only this stage entry needs it
 
     def build(workdir: Path) -> dict:
-        samples, sample_rate = read_wav(ingest.audio_path(store, ingest_run, cfg.cache_dir))
-        spec = spec_for(cfg.audio, sample_rate)
+        signal = Signal.of_wav(ingest.audio_path(store, ingest_run, cfg.cache_dir))
+        spec = spec_for(cfg.audio, signal.sample_rate)
         n_frames = ingest_run.meta["n_frames"]
-        feats = compute_features(samples, spec, n_frames=n_frames)
+        feats = compute_features(signal, spec, n_frames=n_frames)
         np.save(workdir / "features.npy", feats)
         return AudioFeaturesMeta(spec=spec, n_steps=len(feats), n_frames=n_frames,
-                                 duration_s=len(samples) / sample_rate).model_dump(mode="json")
+                                 duration_s=signal.duration_s).model_dump(mode="json")
 
     return run_stage(store, stage=STAGE, code_version=CODE_VERSION, config=cfg.audio,
                      inputs={"ingest": ingest_run.key}, build=build, cache_dir=cfg.cache_dir)

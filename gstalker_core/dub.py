@@ -1,7 +1,8 @@
 """Dubbing: a trained speaker says any audio -> an H.264 + AAC mp4, streamed.
 
 1. The audio (any file ffmpeg reads, or a video's sound track) is decoded at the model's
-   feature sample rate and turned into features with the model's own extractor spec.
+   feature sample rate to a temporary wav and turned into features with the model's own
+   extractor spec, reading that wav in blocks: only the features are ever whole in memory.
 2. The training pose and blink track is extended to the audio's length by ping-pong.
 3. Frames are rendered ``chunk_frames`` at a time and piped to ffmpeg as they come, with
    the audio muxed: memory does not grow with the audio's length; the output has
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,7 +22,7 @@ import torch
 from pydantic import BaseModel
 
 from . import media
-from .audio import check_spec, compute_features, spec_for
+from .audio import Signal, check_spec, compute_features, spec_for
 from .avatar import render_avatar
 from .bundle import Bundle
 from .config import AudioConfig, DubConfig, PipelineConfig
@@ -45,24 +47,25 @@ class DubManifest(BaseModel):
     wall_s: float
 
 
-def load_audio(path: Path, sample_rate: int, cfg: DubConfig) -> np.ndarray:
-    """Decoded mono samples, after the checks that give a clear message for unusable audio."""
+def load_audio(path: Path, sample_rate: int, cfg: DubConfig, workdir: Path) -> Signal:
+    """The audio decoded into ``workdir``, after the checks that give a clear message for unusable audio."""
     info = media.probe(path)
     if not info.has_audio:
         raise InputError(f"{path.name} has no audio track", "give an audio file (wav, mp3, m4a, ...) or a video with sound")
     if info.duration_s > cfg.max_duration_s:
         raise InputError(f"{path.name} lasts {info.duration_s / 60:.1f} min; the limit is {cfg.max_duration_s / 60:g} min",
                          "split the audio into parts, or raise dub.max_duration_s")
-    samples = media.decode_audio(path, sample_rate)
-    duration = len(samples) / sample_rate
+    # float samples, as ffmpeg decodes them: features read the file twice (loudness, then log-mel)
+    signal = Signal.of_wav(media.extract_audio(path, workdir / "audio.wav", sample_rate, codec="pcm_f32le"))
+    duration = signal.duration_s
     if duration < cfg.min_duration_s:
         raise InputError(f"{path.name} lasts {duration:.2f} s; dubbing needs at least {cfg.min_duration_s:g} s",
                          "give a longer audio clip")
-    peak = 20 * np.log10(max(float(np.abs(samples).max(initial=0.0)), 1e-10))
+    peak = 20 * np.log10(max(signal.peak(), 1e-10))
     if peak < SILENCE_DBFS:
         raise InputError(f"{path.name} is silent (peak {peak:.0f} dBFS)",
                          "check the file and the channel that holds the speech")
-    return samples
+    return signal
 
 
 @torch.no_grad()
@@ -75,12 +78,11 @@ def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: P
     check_spec(spec_for(AudioConfig(kind=spec.kind, n_features=spec.n_features, n_fft=spec.n_fft, fmin=spec.fmin,
                                     fmax=spec.fmax, step_window=bundle.manifest.step_window), spec.sample_rate),
                spec, what="the model's audio features (this install's extractor)")
-    samples = load_audio(audio_path, spec.sample_rate, cfg)
     fps = bundle.manifest.fps
-    n_frames = math.ceil(len(samples) / spec.sample_rate * fps)
-    features = compute_features(samples, spec, n_frames=n_frames)
-    duration = len(samples) / spec.sample_rate
-    del samples
+    with tempfile.TemporaryDirectory(dir=Path(out).parent) as workdir:  # the decoded audio, gone once featurised
+        signal = load_audio(audio_path, spec.sample_rate, cfg, Path(workdir))
+        n_frames = math.ceil(signal.duration_s * fps)
+        features = compute_features(signal, spec, n_frames=n_frames)
     n_train = len(bundle.viewmats)
     track = pose_track if pose_track is not None else pose_track_indices(n_frames, n_train, cfg.pose_stretch)
     if len(track) < n_frames:
@@ -104,7 +106,7 @@ def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: P
                 writer.write(image)
             if progress:
                 progress(int(frames[-1]) + 1, n_frames)
-    return DubManifest(audio_name=Path(audio_path).name, audio_duration_s=duration, n_frames=n_frames,
+    return DubManifest(audio_name=Path(audio_path).name, audio_duration_s=signal.duration_s, n_frames=n_frames,
                        fps=fps, resolution=size, render_s=time.perf_counter() - render_start,
                        wall_s=time.perf_counter() - start)
 

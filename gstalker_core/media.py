@@ -131,11 +131,11 @@ def stream_frames(path: Path, fps: int, width: int, height: int, crop: tuple[int
                          "the file is truncated or corrupt: re-export or re-upload it")
 
 
-def extract_audio(path: Path, dest: Path, sample_rate: int) -> Path:
-    """Decode the first audio stream of ``path`` to ``dest`` as mono 16-bit PCM WAV."""
+def extract_audio(path: Path, dest: Path, sample_rate: int, codec: str = "pcm_s16le") -> Path:
+    """Decode the first audio stream of ``path`` to ``dest`` as mono PCM WAV (16-bit unless ``codec`` says)."""
     try:
         (ffmpeg.input(str(path)).audio
-         .output(str(dest), ac=1, ar=sample_rate, acodec="pcm_s16le", format="wav", loglevel="error")
+         .output(str(dest), ac=1, ar=sample_rate, acodec=codec, format="wav", loglevel="error")
          .overwrite_output().run(capture_stdout=True, capture_stderr=True))
     except ffmpeg.Error as err:
         raise InputError(f"{Path(path).name}: ffmpeg could not decode the audio ({_ffmpeg_message(err)})",

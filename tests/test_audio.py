@@ -1,5 +1,7 @@
+import librosa
 import numpy as np
 import pytest
+import soundfile
 
 from gstalker_core import audio
 from gstalker_core.config import AudioConfig
@@ -74,3 +76,38 @@ def test_spec_mismatch_is_refused_with_the_field_named(spec):
 def test_odd_step_window_is_a_config_error():
     with pytest.raises(ValueError, match="even"):
         AudioConfig(step_window=15)
+
+
+def _whole_signal_features(samples: np.ndarray, spec: audio.AudioFeatureSpec, n_frames: int) -> np.ndarray:
+    """The reference: loudness and log-mel of the whole signal at once, librosa's centred framing."""
+    frame_rms = librosa.feature.rms(y=samples, frame_length=1024, hop_length=256)[0]
+    active = frame_rms[frame_rms >= frame_rms.max() * 10 ** (-audio.ACTIVE_DB_BELOW_PEAK / 20)]
+    samples = (samples * (audio.TARGET_ACTIVE_RMS / float(np.sqrt(np.mean(active**2))))).astype(np.float32)
+    hop, n_steps = spec.hop_length, 2 * n_frames
+    shifted = samples[hop // 2:]
+    shifted = np.pad(shifted, (0, max(0, n_steps * hop - len(shifted))))
+    mel = librosa.feature.melspectrogram(y=shifted, sr=spec.sample_rate, n_fft=spec.n_fft, hop_length=hop,
+                                         n_mels=spec.n_features if spec.kind == "logmel" else 80,
+                                         fmin=spec.fmin, fmax=spec.fmax, center=True)
+    logmel = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
+    feats = logmel if spec.kind == "logmel" else librosa.feature.mfcc(S=logmel, n_mfcc=spec.n_features)
+    return feats.T[:n_steps]
+
+
+# Chunked features equal the whole signal's to float32 rounding (the mel matmul sums in a different
+# order per chunk): 1e-4 on log-mel values of tens of dB, plus 1e-6 relative for MFCC's c0 of
+# several hundred, where one float32 ulp is already 6e-5. Observed: 8e-6 (log-mel), 6e-5 (MFCC).
+ATOL, RTOL = 1e-4, 1e-6
+
+
+@pytest.mark.parametrize("cfg", [AudioConfig(), AudioConfig(kind="mfcc", n_features=13, n_fft=256)],
+                         ids=["logmel-nfft800", "mfcc-nfft-below-hop"])
+@pytest.mark.parametrize("chunk_steps, block", [(37, 1000), (1, 4099), (audio.CHUNK_STEPS, audio.BLOCK_SAMPLES)])
+def test_chunked_features_equal_whole_signal_features(shared_data, cfg, chunk_steps, block):
+    samples, rate = soundfile.read(shared_data / "english_speech_60s.wav", dtype="float32", frames=12 * 16000 + 123)
+    assert rate == SR
+    spec = audio.spec_for(cfg, SR)
+    n_frames = 12 * 25 + 7  # a little past the end: the tail is zeros in both
+    chunked = audio.compute_features(audio.Signal.of_array(samples, SR, block=block), spec, n_frames,
+                                     chunk_steps=chunk_steps)
+    np.testing.assert_allclose(chunked, _whole_signal_features(samples, spec, n_frames), rtol=RTOL, atol=ATOL)

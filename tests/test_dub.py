@@ -6,9 +6,11 @@ import math
 import subprocess
 
 import ffmpeg
+import numpy as np
 import pytest
 
-from gstalker_core import dub
+from gstalker_core import dub, media
+from gstalker_core.config import DubConfig
 from gstalker_core.errors import InputError
 from tests.fixtures.media import make_clip
 
@@ -90,3 +92,14 @@ def test_extractor_mismatch_is_refused(tiny_speaker, tmp_path, monkeypatch):
     monkeypatch.setattr(audio.librosa, "__version__", "0.0.1")
     with pytest.raises(InputError, match="extractor"):
         dub.run(tiny_speaker.store, tiny_speaker.name, str(_sine(tmp_path / "b.wav", 1.0)), tiny_speaker.cfg)
+
+
+def test_decoded_audio_is_read_back_as_ffmpeg_decodes_it(shared_data, tmp_path):
+    # dub decodes to a float wav and reads it in blocks (features: test_audio's chunked-equals-whole test)
+    speech = tmp_path / "speech.mp3"
+    (ffmpeg.input(str(shared_data / "english_speech_60s.wav"), t=7.3)
+     .output(str(speech), ac=2, ar=44100, loglevel="error").overwrite_output().run())
+    signal = dub.load_audio(speech, 16000, DubConfig(), tmp_path)
+    samples = np.concatenate(list(signal.blocks()))
+    np.testing.assert_array_equal(samples, media.decode_audio(speech, 16000))
+    assert signal.n_samples == len(samples) and signal.sample_rate == 16000
