@@ -10,7 +10,9 @@ from tasks.stages import (evaluate_model, extract_audio_features, fit_static, in
                           track_and_parse, train_deformation)
 
 
-@flow(name="train-speaker", flow_run_name="train-{speaker}", log_prints=True)
+# persist_result: the stage keys it returns stay readable when its final state is read back from
+# the API (a run on a worker, or a state write the server answered with its own copy)
+@flow(name="train-speaker", flow_run_name="train-{speaker}", log_prints=True, persist_result=True)
 def train_speaker(video: str, speaker: str, profile: str = "preview", overrides: list[str] | None = None,
                   config_file: str | None = None) -> dict[str, str]:
     """Ingest -> tracking and parsing, audio features -> static fit -> deformation training ->
