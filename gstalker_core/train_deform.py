@@ -8,8 +8,8 @@ Schedule (``TrainConfig``), in two phases on one step counter:
 2. ``iterations`` rendering steps: the photometric loss over the composited frame, plus the
    landmark loss at ``guide_weight``. The networks train alone first, from the static fit
    (their last layers start at zero); from ``unfreeze_step`` the static Gaussians join at
-   ``static_lr_scale`` times their static-fit learning rates; from ``lip_start`` the mouth box (from the tracked mouth landmarks)
-   weighs more. Both counted in rendering steps.
+   ``static_lr_scale`` times their static-fit learning rates; from ``lip_start`` the mouth
+   box (from the tracked mouth landmarks) weighs more. Both counted in rendering steps.
 Every ``checkpoint_every`` steps the full state (parameters, optimiser, step) goes to the
 store, and frames are drawn as a pure function of (seed, step), so a run resumed after a
 crash ends with exactly the parameters of an uninterrupted one.
@@ -29,13 +29,13 @@ from .avatar import render_avatar
 from .bundle import FORMAT_VERSION, Bundle, BundleManifest, save_bundle
 from .config import PipelineConfig, TrainConfig
 from .deform.landmark_motion import canonical_offsets, guide_loss
+from .errors import InputError
 from .lipsync import MOUTH_POINTS
 from .metrics import psnr
 from .render.gaussians import GaussianModel
 from .static_fit import HEAD, TORSO, frame_targets, layer_losses, read_plate
 from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, run_stage
 from .storage.checkpoints import Checkpoints
-from .errors import InputError
 from .talking_head import FrameConditions, TalkingHead, eye_openness
 from .tracking import SpeakerDataset
 

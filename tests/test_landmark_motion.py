@@ -6,12 +6,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
 from gstalker_core.config import GaussianConfig, TrainConfig
 from gstalker_core.deform import DeformConfig
 from gstalker_core.deform.landmark_motion import canonical_offsets
+from gstalker_core.errors import InputError
 from gstalker_core.lipsync import pearson
 from gstalker_core.talking_head import TalkingHead
 from gstalker_core.render.gaussians import GaussianModel
@@ -90,3 +92,20 @@ def test_guide_teaches_an_audio_driven_mouth_that_generalises():
                                   model.audio_encoder.conditions(features, n_train, n), torch.ones(len(test)))
     predicted_gap = (deltas.d_means[:, jaw, 1].mean(1) - deltas.d_means[:, ~jaw, 1].mean(1)).numpy()
     assert pearson(predicted_gap, gap[test]) > 0.7
+
+
+def test_a_clip_without_reliable_landmarks_is_refused_with_the_fix():
+    """Every training frame a gap or a covered mouth: nothing to learn the mouth from."""
+    n = 10
+    template = np.random.default_rng(2).normal(scale=0.05, size=(478, 3)).astype(np.float32)
+    views = np.tile(np.eye(4, dtype=np.float32), (n, 1, 1))
+    views[:, 2, 3] = 0.5
+    arrays = SimpleNamespace(landmarks=_project(np.broadcast_to(template, (n, 478, 3)), views).astype(np.float32),
+                             viewmats=views, K=K.astype(np.float32), template=template, valid=np.zeros(n, bool),
+                             blink=np.zeros(n, np.float32))
+    train = SimpleNamespace(arrays=arrays, drawn=np.arange(n), indices=np.arange(n))
+    head = GaussianModel.init_points(GaussianConfig(), template, np.full((478, 3), 0.5))
+    model = TalkingHead(DeformConfig(), head, head, 12, 8, torch.from_numpy(views))
+    with pytest.raises(InputError, match="no training frame has reliable landmarks") as err:
+        LandmarkGuide(model, train, np.zeros((2 * n, 12), np.float32), TrainConfig())
+    assert "QA video" in err.value.fix
