@@ -1,15 +1,19 @@
 """Evaluation on the held-out last 1/11 of the clip, always against two baselines.
 
 Methods, rendered for the same held-out frames with the same poses and blinks:
-- ``gstalker``: our deformation driven by each frame's own (training-clip) audio;
+- ``gstalker``: our deformation driven by each frame's own (training-clip) audio; the torso
+  by the frame's pose alone (no training frame's latent stands for a held-out frame);
 - ``static``: the static fit stage's Gaussians (before deformation training), mouth frozen;
 - ``nearest``: our model driven by the audio of the training frame whose audio features are
   closest (retrieval instead of generalisation).
 
-Metrics: PSNR and SSIM on the full composite and on the face box; mouth-landmark distance
+Metrics: PSNR and SSIM on the full composite and on the face box; PSNR per parsed region
+(head, neck + torso, background: where a method wins or loses); mouth-landmark distance
 (our landmarker on rendered vs ground truth frames, mouth points, centred, in 512 px
 pixels); lip sync without downloaded weights: correlation of rendered with true mouth
-opening, and of rendered mouth opening with audio energy; landmark jitter.
+opening, and of rendered mouth opening with audio energy; landmark jitter. Frames whose
+mouth tracking flagged as covered are left out of the mouth metrics (the truth's mouth is
+not visible there).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from . import audio, ingest, lipsync, static_fit, tracking
 from .avatar import GaussianState, render_avatar
 from .bundle import fetch_bundle
 from .config import PipelineConfig, TrackConfig
+from .deform import TorsoDeformField
 from .media import VideoWriter
 from .render.gaussians import GaussianModel
 from .metrics import ssim
@@ -33,8 +38,10 @@ from .tracking import SpeakerDataset
 from .tracking.landmarks import FACE_OVAL, MediapipeFaceMesh
 
 STAGE = "evaluate"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: per-region PSNR, covered mouths out of the mouth metrics
 METHODS = ("gstalker", "static", "nearest")
+# parsing labels (tracking.parsing) grouped into the regions reported
+REGIONS = {"head": (1,), "torso": (2, 3), "background": (0,)}
 REPORT_JSON, REPORT_MD, VIDEO = "report.json", "report.md", "side_by_side.mp4"
 
 
@@ -43,6 +50,7 @@ class MethodScores(BaseModel):
     ssim: float
     face_psnr: float
     face_ssim: float
+    region_psnr: dict[str, float]  # REGIONS -> PSNR over that region's pixels of all frames
     mouth_landmark_distance_px512: float | None  # None: the landmarker found no face in any rendered frame
     mouth_opening_correlation: float  # with ground truth mouth opening
     audio_energy_correlation: float  # rendered mouth opening vs audio loudness
@@ -54,18 +62,22 @@ class EvalReport(BaseModel):
     frames: int
     first_frame: int
     resolution: int
+    mouth_frames: int  # frames scored on the mouth metrics (mouth not covered)
     truth_audio_energy_correlation: float  # the same correlation on the real frames, for scale
     methods: dict[str, MethodScores]
 
     def markdown(self) -> str:
-        rows = ["| method | PSNR | SSIM | face PSNR | face SSIM | mouth LMD (px@512) | mouth-open corr | "
-                "audio-energy corr | jitter (px) |", "|---|---|---|---|---|---|---|---|---|"]
+        rows = ["| method | PSNR | SSIM | face PSNR | face SSIM | head / torso / background PSNR | "
+                "mouth LMD (px@512) | mouth-open corr | audio-energy corr | jitter (px) |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
         for name, m in self.methods.items():
-            rows.append(f"| {name} | {m.psnr:.2f} | {m.ssim:.4f} | {m.face_psnr:.2f} | {m.face_ssim:.4f} | "
+            regions = " / ".join(f"{m.region_psnr[r]:.2f}" for r in REGIONS)
+            rows.append(f"| {name} | {m.psnr:.2f} | {m.ssim:.4f} | {m.face_psnr:.2f} | {m.face_ssim:.4f} | {regions} | "
                         f"{_fmt(m.mouth_landmark_distance_px512)} | {m.mouth_opening_correlation:.3f} | "
                         f"{m.audio_energy_correlation:.3f} | {m.jitter_px:.3f} |")
         rows.append(f"\nHeld-out frames {self.first_frame}-{self.first_frame + self.frames - 1} "
-                    f"({self.frames} frames, {self.resolution} px); real frames' audio-energy correlation: "
+                    f"({self.frames} frames, {self.resolution} px; mouth metrics on the {self.mouth_frames} with the mouth "
+                    f"uncovered); real frames' audio-energy correlation: "
                     f"{self.truth_audio_energy_correlation:.3f}.")
         return "\n".join(rows)
 
@@ -91,9 +103,9 @@ def face_box(landmarks: np.ndarray, size: int) -> tuple[slice, slice]:
 
 
 @torch.no_grad()
-def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], test: SpeakerDataset, n_train: int, train_frames: np.ndarray, features: np.ndarray,
-             samples_16k: np.ndarray, plate: np.ndarray, track_cfg: TrackConfig, video: Path | None = None,
-             audio: Path | None = None) -> EvalReport:
+def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], test: SpeakerDataset,
+             train_frames: np.ndarray, features: np.ndarray, samples_16k: np.ndarray, plate: np.ndarray,
+             track_cfg: TrackConfig, video: Path | None = None, audio: Path | None = None) -> EvalReport:
     """Render the held-out frames with each method, score them, optionally write a side-by-side video."""
     frames = test.indices
     size = plate.shape[0]
@@ -103,6 +115,8 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     detectors = {name: MediapipeFaceMesh(track_cfg) for name in (*METHODS, "truth")}
     landmarks = {name: [] for name in detectors}
     sums = {name: {"se": 0.0, "ssim": 0.0, "face_se": 0.0, "face_ssim": 0.0} for name in METHODS}
+    region_se = {name: dict.fromkeys(REGIONS, 0.0) for name in METHODS}
+    region_pixels = dict.fromkeys(REGIONS, 0)
     writer = VideoWriter(video, 4 * size, size, 25, audio=audio) if video else None
     try:
         for t, nn_t in zip(frames, nearest):
@@ -110,7 +124,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
             truth = sample.rgb.numpy()
             a = test.arrays
             base = dict(eye=torch.tensor([1.0 - float(a.blink[t])]), viewmats=torch.from_numpy(a.viewmats[[t]]),
-                        track_frames=torch.tensor([min(int(t), n_train - 1)]))
+                        track_frames=torch.tensor([TorsoDeformField.NO_FRAME]))
             rendered = {}
             for name in METHODS:
                 window_frame = int(nn_t) if name == "nearest" else int(t)
@@ -125,10 +139,16 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
             landmarks["truth"].append(truth_lm)
             box = face_box(truth_lm if truth_lm is not None else a.landmarks[t], size)
             truth_f = torch.from_numpy(truth.astype(np.float32) / 255.0)
+            masks = {r: np.isin(sample.labels.numpy(), labels) for r, labels in REGIONS.items()}
+            for r, mask in masks.items():
+                region_pixels[r] += int(mask.sum())
             for name, img in rendered.items():
                 img_f = torch.from_numpy(img.astype(np.float32) / 255.0)
+                pixel_se = ((img_f - truth_f) ** 2).mean(dim=-1).numpy()
+                for r, mask in masks.items():
+                    region_se[name][r] += float(pixel_se[mask].sum())
                 s = sums[name]
-                s["se"] += torch.mean((img_f - truth_f) ** 2).item()
+                s["se"] += float(pixel_se.mean())
                 s["ssim"] += ssim(img_f[None], truth_f[None]).item()
                 s["face_se"] += torch.mean((img_f[box] - truth_f[box]) ** 2).item()
                 s["face_ssim"] += ssim(img_f[box][None], truth_f[box][None]).item() if min(
@@ -144,28 +164,42 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     energy = lipsync.audio_energy_per_frame(samples_16k, 16000, int(frames[-1]) + 1)[frames]
     # where the landmarker misses a real frame, the tracked landmarks of that frame stand in
     truth_lm = np.stack([f if f is not None else test.arrays.landmarks[t] for f, t in zip(landmarks["truth"], frames)])
+    uncovered = ~test.arrays.mouth_covered[frames]
     truth_open = lipsync.mouth_opening(truth_lm)
     n = len(frames)
     scores = {}
     for name in METHODS:
         # landmark metrics only on frames where the landmarker found the rendered face: a
         # method is never credited with the truth's landmarks; lost frames are counted
-        found = np.array([x is not None for x in landmarks[name]])
-        lm = np.stack([x for x in landmarks[name] if x is not None]) if found.any() else truth_lm[:0]
+        detected = np.array([x is not None for x in landmarks[name]])
+        found = detected & uncovered
+        lm = _stack(landmarks[name], found, truth_lm[:0])
         opening = lipsync.mouth_opening(lm)
         s = sums[name]
         scores[name] = MethodScores(
             psnr=-10 * np.log10(s["se"] / n), ssim=s["ssim"] / n, face_psnr=-10 * np.log10(s["face_se"] / n),
             face_ssim=s["face_ssim"] / n,
+            region_psnr={r: _psnr(region_se[name][r], region_pixels[r]) for r in REGIONS},
             mouth_landmark_distance_px512=lipsync.mouth_landmark_distance(lm, truth_lm[found], size)
             if found.any() else None,
             mouth_opening_correlation=lipsync.pearson(opening, truth_open[found]),
             audio_energy_correlation=lipsync.pearson(opening, energy[found]),
-            jitter_px=lipsync.landmark_jitter(lm),
-            frames_without_face=int((~found).sum()))
-    return EvalReport(frames=n, first_frame=int(frames[0]), resolution=size,
-                      truth_audio_energy_correlation=lipsync.pearson(truth_open, energy), methods=scores)
+            jitter_px=lipsync.landmark_jitter(_stack(landmarks[name], detected, truth_lm[:0])),
+            frames_without_face=int((~detected).sum()))
+    return EvalReport(frames=n, first_frame=int(frames[0]), resolution=size, mouth_frames=int(uncovered.sum()),
+                      truth_audio_energy_correlation=lipsync.pearson(truth_open[uncovered], energy[uncovered]),
+                      methods=scores)
 
+
+def _stack(per_frame: list[np.ndarray | None], keep: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    """The kept frames' landmarks as one array (``empty`` when none is kept)."""
+    kept = [x for x, use in zip(per_frame, keep) if use]
+    return np.stack(kept) if kept else empty
+
+
+def _psnr(squared_error: float, pixels: int) -> float:
+    """PSNR of a summed squared error over ``pixels``; 0 for a region absent from every frame."""
+    return float(-10 * np.log10(max(squared_error / pixels, 1e-10))) if pixels else 0.0
 
 
 def stage_key(bundle_run: StageManifest, ingest_run: StageManifest, cfg: PipelineConfig) -> str:
@@ -190,7 +224,7 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
         try:
             static = tuple(GaussianModel.load(fetch_part(store, static_run, name, cfg.cache_dir))
                            for name in (static_fit.HEAD, static_fit.TORSO))
-            report = evaluate(bundle.model, static, test, bundle.manifest.n_train_frames, train_frames, features, samples,
+            report = evaluate(bundle.model, static, test, train_frames, features, samples,
                               bundle.plate, cfg.track, video=workdir / VIDEO, audio=segment)
         finally:
             segment.unlink(missing_ok=True)

@@ -43,6 +43,7 @@ class TalkingHead(nn.Module):
         self.audio_encoder = AudioEncoder(cfg, n_features, step_window)
         self.face_field = FaceDeformField(cfg, *bounding_box(head.means.detach()))
         self.torso_field = TorsoDeformField(cfg, len(train_viewmats), *bounding_box(torso.means.detach()))
+        self.torso_field_on = cfg.torso_field
         ref_r, ref_t = reference_pose(train_viewmats[:, :3, :3], train_viewmats[:, :3, 3])
         self.register_buffer("ref_rotation", ref_r)
         self.register_buffer("ref_translation", ref_t)
@@ -51,12 +52,15 @@ class TalkingHead(nn.Module):
         return pose_condition(viewmats[:, :3, :3], viewmats[:, :3, 3], self.ref_rotation, self.ref_translation)
 
     def frames(self, cond: FrameConditions, deform: bool = True) -> tuple[list[GaussianState], list[GaussianState]]:
-        """Deformed head and torso states of each frame (the static fit when ``deform`` is False)."""
+        """Deformed head and torso states of each frame (the static fit when ``deform`` is False;
+        the torso undeformed when the model's config turns the torso field off)."""
         head, torso = GaussianState.of(self.head), GaussianState.of(self.torso)
         n = len(cond.viewmats)
         if not deform:
             return [head] * n, [torso] * n
         face = self.face_field(self.face_field.encode(head.means), self.audio_encoder(cond.audio), cond.eye)
+        if not self.torso_field_on:
+            return _apply(head, face), [torso] * n
         body = self.torso_field(self.torso_field.encode(torso.means), self.pose(cond.viewmats),
                                 self.torso_field.latent_for_track(cond.track_frames))
         return _apply(head, face), _apply(torso, body)
