@@ -31,8 +31,7 @@ from .render.gaussians import GaussianModel
 from .storage import ArtifactStore, StageManifest, fetch_stage
 from .talking_head import TalkingHead
 
-FORMAT_VERSION = 2  # the files and manifest schema; network contents are checked key by key on load
-# 2: deform.torso_field in the manifest (version 1 bundles always deformed the torso)
+FORMAT_VERSION = 1  # the files and manifest schema; network contents are checked key by key on load
 MANIFEST, HEAD, TORSO, NETWORKS, TRACKS, PLATE = (
     "bundle.json", "head.safetensors", "torso.safetensors", "networks.safetensors", "tracks.npz", "plate.png")
 

@@ -141,10 +141,6 @@ class DeformConfig(Section):
                               description="neighbouring frames the temporal smoother weighs (t-w/2 .. t+w/2-1)")
     face_mlp_width: int = Field(default=64, ge=4)
     face_mlp_depth: int = Field(default=2, ge=1, description="hidden layers of the face field MLP")
-    torso_field: bool = Field(
-        default=False, description="deform the torso by head pose (the torso field); off: the static fit's torso. "
-                                   "Off in preview: at 128 px and 1500 steps it cost 0.05-0.19 dB held-out PSNR on "
-                                   "cnn_anchor_71s in three runs (held-out poses lie off the training ones)")
     torso_mlp_width: int = Field(default=32, ge=4)
     torso_mlp_depth: int = Field(default=2, ge=1, description="hidden layers of the torso field MLP")
     torso_frequencies: int = Field(default=4, ge=0, le=12, description="sin/cos octaves encoding torso centres")
@@ -216,10 +212,6 @@ class TrainConfig(Section):
     layer_loss_weight: float = Field(default=0.5, ge=0, description="weight of the head/torso layer losses")
     ssim_weight: float = Field(default=0.2, ge=0, le=1, description="D-SSIM weight in the photometric loss")
     latent_smoothness_weight: float = Field(default=1.0, ge=0)
-    torso_latent_dropout: float = Field(default=0.5, ge=0, le=1,
-                                        description="share of rendered frames whose torso latent is replaced by "
-                                                    "the no-frame latent, so that the pose alone drives a good "
-                                                    "torso where no training frame's latent applies (held-out)")
     checkpoint_every: int = Field(default=500, ge=1)
     seed: int = 0
 

@@ -1,8 +1,8 @@
 """Evaluation on the held-out last 1/11 of the clip, always against two baselines.
 
 Methods, rendered for the same held-out frames with the same poses and blinks:
-- ``gstalker``: our deformation driven by each frame's own (training-clip) audio; the torso
-  by the frame's pose alone (no training frame's latent stands for a held-out frame);
+- ``gstalker``: our deformation driven by each frame's own (training-clip) audio, with the
+  static torso (``talking_head.NO_FRAME``: no training frame stands for a held-out pose);
 - ``static``: the static fit stage's Gaussians (before deformation training), mouth frozen;
 - ``nearest``: our model driven by the audio of the training frame whose audio features are
   closest (retrieval instead of generalisation).
@@ -28,11 +28,10 @@ from . import audio, ingest, lipsync, static_fit, tracking
 from .avatar import GaussianState, render_avatar
 from .bundle import fetch_bundle
 from .config import PipelineConfig, TrackConfig
-from .deform import TorsoDeformField
 from .media import VideoWriter
 from .render.gaussians import GaussianModel
 from .metrics import ssim
-from .talking_head import FrameConditions, TalkingHead
+from .talking_head import NO_FRAME, FrameConditions, TalkingHead
 from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, run_stage
 from .tracking import SpeakerDataset
 from .tracking.landmarks import FACE_OVAL, MediapipeFaceMesh
@@ -124,7 +123,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
             truth = sample.rgb.numpy()
             a = test.arrays
             base = dict(eye=torch.tensor([1.0 - float(a.blink[t])]), viewmats=torch.from_numpy(a.viewmats[[t]]),
-                        track_frames=torch.tensor([TorsoDeformField.NO_FRAME]))
+                        track_frames=torch.tensor([NO_FRAME]))
             rendered = {}
             for name in METHODS:
                 window_frame = int(nn_t) if name == "nearest" else int(t)

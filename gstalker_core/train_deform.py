@@ -29,7 +29,6 @@ from . import __version__, audio, tracking
 from .avatar import render_avatar
 from .bundle import FORMAT_VERSION, Bundle, BundleManifest, save_bundle
 from .config import PipelineConfig, TrainConfig
-from .deform import TorsoDeformField
 from .deform.landmark_motion import canonical_offsets, guide_loss
 from .errors import InputError
 from .lipsync import MOUTH_POINTS
@@ -43,7 +42,7 @@ from .tracking import SpeakerDataset
 
 STAGE = "deform"
 CODE_VERSION = "4"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
-# 4: torso Gaussians frozen, torso latent dropout, learning-rate decay
+# 4: torso Gaussians frozen, learning-rate decay
 
 Progress = Callable[[int, Optional[int], dict], None]
 
@@ -68,16 +67,16 @@ def mouth_weights(landmarks: np.ndarray, size: int, margin: float = 0.3) -> np.n
     return mask
 
 
-def conditions_for(model: TalkingHead, dataset: SpeakerDataset, features: np.ndarray, frames: list[int],
-                   track_frames: np.ndarray) -> FrameConditions:
-    """Conditions of clip frames ``frames`` from the clip's own audio, blink and poses, with the
-    torso latents of ``track_frames`` (``TorsoDeformField.NO_FRAME`` for none)."""
+def conditions_for(model: TalkingHead, dataset: SpeakerDataset, features: np.ndarray,
+                   frames: list[int]) -> FrameConditions:
+    """Conditions of training frames ``frames`` from the clip's own audio, blink, poses and the
+    frames' own torso latents."""
     a = dataset.arrays
     return FrameConditions(
         audio=model.audio_encoder.windows(features, frames),
         eye=torch.from_numpy(eye_openness(a.blink[frames]).astype(np.float32)),
         viewmats=torch.from_numpy(a.viewmats[frames]),
-        track_frames=torch.as_tensor(track_frames))
+        track_frames=torch.as_tensor(frames))
 
 
 def make_optimizer(model: TalkingHead, cfg: TrainConfig) -> torch.optim.Adam:
@@ -85,13 +84,11 @@ def make_optimizer(model: TalkingHead, cfg: TrainConfig) -> torch.optim.Adam:
     in the static fit) at ``static_lr_scale`` times their static-fit rates; each group keeps its
     starting rate as ``base_lr`` for ``set_learning_rates``.
 
-    The torso Gaussians stay as the static fit left them: on frames the torso field has no
-    latent for (held-out, dubbing) the torso shown is the static one moved by pose, and
-    retraining it against per-frame-latent renders fitted the training frames at the cost of
-    held-out ones (-0.05 dB torso PSNR on cnn_anchor_71s)."""
+    The torso Gaussians stay as the static fit left them: held-out frames show them undeformed
+    (``talking_head.NO_FRAME``), and retraining them behind the torso field fitted the
+    training frames at the cost of held-out ones (-0.05 dB torso PSNR on cnn_anchor_71s)."""
     model.torso.requires_grad_(False)
-    nets = [*model.audio_encoder.parameters(), *model.face_field.parameters(),
-            *(model.torso_field.parameters() if model.torso_field_on else ())]
+    nets = [*model.audio_encoder.parameters(), *model.face_field.parameters(), *model.torso_field.parameters()]
     groups = [{"params": nets, "base_lr": cfg.lr_networks, "name": "networks"}]
     for group in model.head.make_optimizer().param_groups:
         groups.append({"params": group["params"], "base_lr": group["lr"] * cfg.static_lr_scale,
@@ -183,7 +180,7 @@ def train_deformation(model: TalkingHead, train: SpeakerDataset, plate: np.ndarr
 class PhotometricLoss:
     """L1 + D-SSIM of the composite and its layers for the frames of rendering step ``step``
     (chunk-grouped epoch order, a function of (seed, step)), the mouth box weighted from
-    ``lip_start``; each frame's torso latent dropped at rate ``torso_latent_dropout``."""
+    ``lip_start``."""
 
     def __init__(self, model: TalkingHead, train: SpeakerDataset, features: np.ndarray, plate: np.ndarray,
                  cfg: TrainConfig):
@@ -195,9 +192,7 @@ class PhotometricLoss:
         """(loss, PSNR of the rendered composite)."""
         cfg, train = self.cfg, self.train
         frames = [train.index_at(step * cfg.frames_per_step + k) for k in range(cfg.frames_per_step)]
-        dropped = np.random.default_rng([cfg.seed, step, 1]).random(len(frames)) < cfg.torso_latent_dropout
-        cond = conditions_for(self.model, train, self.features, frames,
-                              np.where(dropped, TorsoDeformField.NO_FRAME, frames))
+        cond = conditions_for(self.model, train, self.features, frames)
         heads, torsos = self.model.frames(cond)
         layers = render_avatar(heads, torsos, cond.viewmats, self.K, self.plate_t)
         targets = [frame_targets(train.sample(i), self.plate) for i in frames]
@@ -208,8 +203,7 @@ class PhotometricLoss:
             size = self.plate.shape[0]
             mouth = torch.from_numpy(np.stack([mouth_weights(train.arrays.landmarks[i], size) for i in frames]))[..., None]
             loss = loss + cfg.lip_weight * ((layers.rgb - target["rgb"]).abs() * mouth).sum() / mouth.sum().clamp_min(1)
-        if self.model.torso_field_on:
-            loss = loss + cfg.latent_smoothness_weight * self.model.torso_field.latent_smoothness()
+        loss = loss + cfg.latent_smoothness_weight * self.model.torso_field.latent_smoothness()
         return loss, psnr(layers.rgb.detach(), target["rgb"])
 
 

@@ -323,11 +323,6 @@ def test_torso_field_latents_pose_and_zero_init():
     assert torso.latent_smoothness().item() < float(((lat[1:] - lat[:-1]) ** 2).sum())
     with pytest.raises(InputError, match="training frames"):
         torso.latent_for_track([0, 30])
-    # a pose no training frame stands for (held-out) gets the zero latent, next to real ones
-    mixed = torso.latent_for_track([TorsoDeformField.NO_FRAME, 5])
-    assert torch.equal(mixed[0], torch.zeros(TINY.torso_latent_dim)) and torch.equal(mixed[1], torso.latents.weight[5])
-    with pytest.raises(InputError, match="training frames"):
-        torso.latent_for_track([-2])
 
 
 def test_pose_condition_is_zero_at_the_reference_and_scale_free():

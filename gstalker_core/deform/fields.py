@@ -152,13 +152,8 @@ class TorsoDeformField(nn.Module):
     ``encode(means (N, 3)) -> (N, E)``; ``forward(encoded, pose (B, POSE_DIM), latent (B, latent_dim))``.
     Training takes ``latent = latent_for_track(frame indices)`` and adds ``latent_smoothness()``
     to the loss; at inference the latent comes from the pose track in use, which indexes
-    training frames (e.g. ``pose_track.pose_track_indices``). A pose that no training frame
-    stands for (the held-out frames) takes index ``NO_FRAME``: the zero latent, which training
-    shows in place of a share of the frames' latents so that it means "the torso this pose
-    gives on average".
+    training frames (e.g. ``pose_track.pose_track_indices``).
     """
-
-    NO_FRAME = -1
 
     def __init__(self, cfg: DeformConfig, n_train_frames: int, bbox_min, bbox_max):
         super().__init__()
@@ -176,16 +171,14 @@ class TorsoDeformField(nn.Module):
         return frequency_encoding(self.normalise(means), self.n_frequencies)
 
     def latent_for_track(self, frame_indices) -> torch.Tensor:
-        """(B, latent_dim) latents of training frames ``frame_indices`` (the pose track's source
-        frames); zeros where the index is ``NO_FRAME``."""
+        """(B, latent_dim) latents of training frames ``frame_indices`` (the pose track's source frames)."""
         idx = torch.as_tensor(np.asarray(frame_indices), dtype=torch.long, device=self.latents.weight.device)
         n = self.latents.num_embeddings
-        if idx.numel() and (int(idx.min()) < self.NO_FRAME or int(idx.max()) >= n):
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
             raise InputError(f"pose track indices span {int(idx.min())}..{int(idx.max())}, but the model has "
                              f"{n} training frames",
                              "build the pose track from this model's training track (pose_track_indices)")
-        known = idx != self.NO_FRAME
-        return self.latents(idx.clamp_min(0)) * known.unsqueeze(-1)
+        return self.latents(idx)
 
     def latent_smoothness(self) -> torch.Tensor:
         """Sum of squared differences between consecutive training frames' latents."""
