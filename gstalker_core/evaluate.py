@@ -149,7 +149,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
                 s = sums[name]
                 s["se"] += float(pixel_se.mean())
                 s["ssim"] += ssim(img_f[None], truth_f[None]).item()
-                s["face_se"] += torch.mean((img_f[box] - truth_f[box]) ** 2).item()
+                s["face_se"] += float(pixel_se[box].mean())
                 s["face_ssim"] += ssim(img_f[box][None], truth_f[box][None]).item() if min(
                     img_f[box].shape[:2]) > 11 else 0.0
                 landmarks[name].append(detectors[name].detect(img))
@@ -176,7 +176,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
         opening = lipsync.mouth_opening(lm)
         s = sums[name]
         scores[name] = MethodScores(
-            psnr=-10 * np.log10(s["se"] / n), ssim=s["ssim"] / n, face_psnr=-10 * np.log10(s["face_se"] / n),
+            psnr=_psnr(s["se"], n), ssim=s["ssim"] / n, face_psnr=_psnr(s["face_se"], n),
             face_ssim=s["face_ssim"] / n,
             region_psnr={r: _psnr(region_se[name][r], region_pixels[r]) for r in REGIONS},
             mouth_landmark_distance_px512=lipsync.mouth_landmark_distance(lm, truth_lm[found], size)
@@ -196,9 +196,10 @@ def _stack(per_frame: list[np.ndarray | None], keep: np.ndarray, empty: np.ndarr
     return np.stack(kept) if kept else empty
 
 
-def _psnr(squared_error: float, pixels: int) -> float:
-    """PSNR of a summed squared error over ``pixels``; 0 for a region absent from every frame."""
-    return float(-10 * np.log10(max(squared_error / pixels, 1e-10))) if pixels else 0.0
+def _psnr(squared_error: float, count: int) -> float:
+    """PSNR of the mean of ``count`` summed squared errors (pixels, or per-frame means); 0 when
+    there are none (a region absent from every frame)."""
+    return float(-10 * np.log10(max(squared_error / count, 1e-10))) if count else 0.0
 
 
 def stage_key(bundle_run: StageManifest, ingest_run: StageManifest, cfg: PipelineConfig) -> str:

@@ -87,7 +87,6 @@ def make_optimizer(model: TalkingHead, cfg: TrainConfig) -> torch.optim.Adam:
     The torso Gaussians stay as the static fit left them: held-out frames show them undeformed
     (``talking_head.NO_FRAME``), and retraining them behind the torso field fitted the
     training frames at the cost of held-out ones (-0.05 dB torso PSNR on cnn_anchor_71s)."""
-    model.torso.requires_grad_(False)
     nets = [*model.audio_encoder.parameters(), *model.face_field.parameters(), *model.torso_field.parameters()]
     groups = [{"params": nets, "base_lr": cfg.lr_networks, "name": "networks"}]
     for group in model.head.make_optimizer().param_groups:
@@ -141,6 +140,7 @@ def train_deformation(model: TalkingHead, train: SpeakerDataset, plate: np.ndarr
                       ) -> DeformTrainManifest:
     start_time = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    model.torso.requires_grad_(False)  # not in the optimizer (make_optimizer says why): no gradients to compute
     optimizer = make_optimizer(model, cfg)
     step0 = 0
     saved = checkpoints.load() if checkpoints else None
