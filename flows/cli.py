@@ -19,9 +19,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, Text
                            TimeRemainingColumn)
 from rich.table import Table
 
+from flows import HEARTBEAT_FREQUENCY_S
 from gstalker_core import __version__
 from gstalker_core.config import PipelineConfig, load_config
-from gstalker_core.errors import GstalkerError
+from gstalker_core.errors import ConfigError, GstalkerError
 
 if TYPE_CHECKING:
     from tasks.stages import StageDisplay
@@ -187,20 +188,48 @@ def train(video: str = typer.Argument(..., help="local path or s3:// URL of the 
           profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
           store: Optional[str] = StoreOpt) -> None:
     """Run the train-speaker flow locally for one video."""
+    from gstalker_core.config import read_config_file
     from gstalker_core.naming import validate_speaker
 
     validate_speaker(speaker)
     _config(profile, config, set_, store)  # fail on bad config before starting Prefect
+    _check_prefect_api()
     from flows.train_speaker import train_speaker
     from tasks.stages import progress_shown_by
 
-    with _training_bars() as bars, progress_shown_by(bars):
+    with _training_bars() as bars, progress_shown_by(bars), _local_prefect_errors():
         keys = train_speaker(video=video, speaker=speaker, profile=profile, overrides=_overrides(set_, store),
-                             config_file=config)
+                             config=read_config_file(Path(config)) if config else None)
     table = Table("stage", "content key", title=f"train-speaker {speaker}")
     for stage, key in keys.items():
         table.add_row(stage, key)
     out.print(table)
+
+
+def _check_prefect_api() -> None:
+    """A PREFECT_API_URL that does not answer is the user's to fix, before any stage runs."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        from flows.submit import prefect_api
+
+        with prefect_api() as client:
+            client.hello()
+
+
+@contextmanager
+def _local_prefect_errors() -> Iterator[None]:
+    """Without PREFECT_API_URL, Prefect starts a temporary server (main() gives it time); if
+    that still fails, say so and how to avoid it instead of Prefect's traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "ephemeral Prefect API server" not in str(err):
+            raise
+        raise ConfigError(f"Prefect's temporary local server did not start: {err}",
+                          "start one server and reuse it: `prefect server start &` then "
+                          "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, or raise "
+                          f"{EPHEMERAL_TIMEOUT_ENV} (now {os.environ.get(EPHEMERAL_TIMEOUT_ENV)} s)") from None
 
 
 @app.command()
@@ -251,8 +280,6 @@ def submit(video: str = typer.Argument(..., help="local path (uploaded to the st
     if not sub.created:
         out.print(f"already submitted with the same video and config: flow run {run.id} "
                   f"({run.state.name if run.state else 'pending'}); not queued again")
-        if run.state and run.state.is_running():  # Prefect cannot tell a busy worker from a dead one
-            out.print("  if its worker died, mark the run Crashed (UI: the run's menu, Change state), then submit again")
     elif sub.replaces is not None:
         out.print(f"submitted train-speaker for {speaker}: flow run {run.id}, replacing {sub.replaces.id} "
                   f"({sub.replaces.state.name}); stages it finished are reused")
@@ -272,6 +299,22 @@ def status(run_id: Optional[str] = typer.Argument(None, help="flow run id (defau
         started = run.start_time.strftime("%Y-%m-%d %H:%M") if run.start_time else "-"
         table.add_row(str(run.id), run.name, run.state.name if run.state else "-", started, ui_link(run))
     out.print(table)
+
+
+@app.command()
+def setup(heartbeat_timeout: float = typer.Option(90.0, "--heartbeat-timeout",
+                                                  help="seconds without a heartbeat before a run is Crashed"),
+          max_attempts: int = typer.Option(3, "--max-attempts",
+                                           help="runs per submission, the first included, before resubmitting stops")
+          ) -> None:
+    """Install (or update) the automations that crash and resubmit the runs of dead workers.
+    Run it after `prefect deploy --all`, against the server in PREFECT_API_URL; idempotent."""
+    from flows import automations
+    from flows.submit import prefect_api
+
+    with prefect_api() as client:
+        for line in automations.install(client, heartbeat_timeout, max_attempts):
+            out.print(line)
 
 
 @store_app.command("ls")
@@ -296,9 +339,18 @@ def config_show(profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, se
     out.print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), highlight=False)
 
 
+# Prefect gives its temporary server 20 s; on 2 cores with an empty PREFECT_HOME (a first run,
+# creating its database) it needs about that, so first runs failed. A minute and a half is ample.
+EPHEMERAL_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
 def main() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault(EPHEMERAL_TIMEOUT_ENV, "90")
+    # beat as often as deployments do (prefect.yaml): the crash automation of `gstalker setup`
+    # would take a local run on a shared server, beating at Prefect's default 180 s, for dead
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_FREQUENCY_S))
     try:
         app()
     except GstalkerError as e:

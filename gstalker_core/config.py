@@ -252,6 +252,12 @@ class PipelineConfig(Section):
         return self.store.url or str(self.home_dir / "store")
 
 
+def config_content(cfg: PipelineConfig) -> dict:
+    """The config as a mapping that ``load_config`` layers back over the profile to the same
+    config on another machine; ``home`` is that machine's own and stays out."""
+    return cfg.model_dump(mode="json", exclude={"home"})
+
+
 def _deep_merge(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
@@ -269,7 +275,7 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     tree[leaf] = value
 
 
-def _read_yaml(path: Path) -> dict:
+def read_config_file(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
@@ -303,18 +309,24 @@ def _format_validation_error(err: ValidationError, origin: str) -> ConfigError:
 
 def load_config(
     profile: str = "preview",
-    config_file: str | Path | None = None,
+    config_file: str | Path | dict | None = None,
     overrides: list[str] | None = None,
     environ: dict[str, str] | None = None,
 ) -> PipelineConfig:
-    """Build the effective config. Raises ``ConfigError`` naming every bad field."""
+    """Build the effective config. Raises ``ConfigError`` naming every bad field.
+
+    ``config_file`` is a YAML file's path or its content already read (a mapping of
+    sections): a queued run carries the content, since a worker cannot read the submitter's
+    files and an edit after submission must not change the run."""
     allowed = ProfileName.__args__
     if profile not in allowed:
         raise ConfigError(f"unknown profile {profile!r}", f"choose one of: {', '.join(allowed)}")
-    tree = _read_yaml(PROFILES_DIR / f"{profile}.yaml")
+    tree = read_config_file(PROFILES_DIR / f"{profile}.yaml")
     tree["profile"] = profile
-    if config_file:
-        tree = _deep_merge(tree, _read_yaml(Path(config_file)))
+    if isinstance(config_file, dict):
+        tree = _deep_merge(tree, config_file)
+    elif config_file:
+        tree = _deep_merge(tree, read_config_file(Path(config_file)))
     tree = _deep_merge(tree, _env_overrides(dict(os.environ if environ is None else environ)))
     for item in overrides or []:
         if "=" not in item:

@@ -19,7 +19,7 @@ from prefect.context import TaskRunContext
 
 from gstalker_core import audio, evaluate, ingest, speakers, static_fit, tracking, train_deform
 from gstalker_core.config import PipelineConfig
-from gstalker_core.errors import ConfigError, InputError
+from gstalker_core.errors import ConfigError, InputError, StorageError
 from gstalker_core.storage import ArtifactStore, StageManifest, StageRun, find_stage, open_store
 from tasks.gpu import gpu_slot
 
@@ -37,14 +37,43 @@ def stage_cache_key(key_of: Callable[..., str]) -> Callable[[TaskRunContext, dic
     return cache_key
 
 
+# S3 error codes that mean "try again later", not "you asked for something wrong".
+_RETRYABLE_S3_CODES = {"Throttling", "ThrottlingException", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
+                       "InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a failure can heal by itself: storage and network errors (the store, S3, the
+    Prefect API). A deterministic failure (bad input, a bug, a shape error, out of memory)
+    fails the same way again, so it is never retried. Explicit causes (``raise ... from``)
+    count: a library may wrap a connection error in its own exception."""
+    import botocore.exceptions as boto
+    import httpx
+    import urllib3.exceptions
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, (InputError, ConfigError)):
+            return False
+        if isinstance(seen, (StorageError, ConnectionError, TimeoutError, httpx.TransportError,
+                             boto.ConnectionError, boto.HTTPClientError, urllib3.exceptions.HTTPError)):
+            return True
+        if isinstance(seen, boto.ClientError) and str(seen.response.get("Error", {}).get("Code")) in _RETRYABLE_S3_CODES:
+            return True
+        if isinstance(seen, PrefectHTTPStatusError) and (seen.response.status_code >= 500
+                                                          or seen.response.status_code == 429):
+            return True
+        seen = seen.__cause__
+    return False
+
+
 def retry_transient(_task, _task_run, state) -> bool:
-    """Retry storage/network hiccups; never retry the user's bad input or config."""
+    """Prefect retry_condition_fn: retry only failures that can heal (``is_transient``)."""
     try:
         state.result()
-    except (InputError, ConfigError):
-        return False
-    except Exception:
-        return True
+    except BaseException as err:  # noqa: BLE001 - the failure is what we classify
+        return is_transient(err)
     return False
 
 

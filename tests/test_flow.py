@@ -110,3 +110,88 @@ def test_gpu_count_comes_from_the_environment_or_cuda(monkeypatch):
     monkeypatch.setenv("GSTALKER_GPUS", "two")
     with pytest.raises(ConfigError, match="GSTALKER_GPUS"):
         host_gpus()
+
+
+# -- retries: only what can heal -------------------------------------------------------------
+
+def test_transient_means_storage_and_network_never_a_deterministic_failure():
+    import botocore.exceptions as boto
+    import httpx
+    import torch
+
+    from gstalker_core.errors import StorageError
+    from tasks.stages import is_transient
+
+    for healing in (StorageError("store unreachable", "retry"), ConnectionResetError(), TimeoutError(),
+                    boto.EndpointConnectionError(endpoint_url="http://s3"), boto.ReadTimeoutError(endpoint_url="x"),
+                    boto.ClientError({"Error": {"Code": "SlowDown"}}, "PutObject"),
+                    httpx.ConnectError("prefect api gone")):
+        assert is_transient(healing), healing
+    wrapped = RuntimeError("upload failed")
+    wrapped.__cause__ = boto.ConnectionClosedError(endpoint_url="http://s3")
+    assert is_transient(wrapped)  # a library's wrapper around a connection error
+    for deterministic in (ValueError("bad shape"), RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
+                          torch.OutOfMemoryError("CUDA out of memory"), MemoryError(), KeyError("x"),
+                          InputError("bad video", "fix it"), ConfigError("bad field", "fix it"),
+                          boto.ClientError({"Error": {"Code": "AccessDenied"}}, "GetObject")):
+        assert not is_transient(deterministic), deterministic
+
+
+@pytest.mark.parametrize("failure, attempts", [(ValueError, 1), (ConnectionResetError, 3)])
+def test_a_stage_retries_a_transient_failure_and_fails_a_deterministic_one_at_once(prefect_api, failure, attempts):
+    from tasks.stages import STAGE_TASK
+
+    calls = []
+
+    @task(**{**STAGE_TASK, "retry_delay_seconds": 0, "persist_result": False})
+    def stage() -> None:
+        calls.append(1)
+        raise failure("boom")
+
+    @flow
+    def pipeline() -> None:
+        stage()
+
+    state = pipeline(return_state=True)
+    assert state.is_failed()
+    assert len(calls) == attempts
+
+
+# -- the first run on a machine that never ran Prefect ---------------------------------------
+
+def test_first_train_on_an_empty_prefect_home_succeeds(clip, tmp_path):
+    """`gstalker train` with no PREFECT_API_URL starts Prefect's temporary server, which must
+    first create its database: with Prefect's 20 s default that failed 3 runs out of 4 here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "GSTALKER_"))}
+    env.update(PREFECT_HOME=str(tmp_path / "never-ran-prefect"), GSTALKER_HOME=str(tmp_path / "home"),
+               GSTALKER_GPUS="0", DO_NOT_TRACK="1")
+    video = str(clip("plain.mp4", seconds=2.0))
+    gstalker = str(Path(sys.executable).parent / "gstalker")
+    out = subprocess.run([gstalker, "train", video, "--speaker", "first-run", "--profile", "tiny"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "Traceback" not in out.stderr and "evaluate" in out.stdout
+    assert (tmp_path / "home" / "store" / "speakers" / "first-run" / "model.json").is_file()
+
+
+def test_an_unreachable_prefect_server_is_an_error_with_its_fix(clip, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api", "GSTALKER_HOME": str(tmp_path)}
+    gstalker = str(Path(sys.executable).parent / "gstalker")
+    for args in (["train", str(clip("plain.mp4", seconds=2.0)), "--speaker", "x", "--profile", "tiny"],
+                 ["submit", str(clip("plain.mp4", seconds=2.0)), "--speaker", "x", "--profile", "tiny"],
+                 ["status"], ["setup"]):
+        out = subprocess.run([gstalker, *args], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, (args, out.stderr)
+        assert "cannot reach the Prefect server at http://127.0.0.1:9/api" in out.stderr
+        assert "fix:" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "store" / "uploads").exists()  # submit checked the server before uploading

@@ -78,6 +78,25 @@ def test_compose_worker_requests_an_nvidia_gpu_and_stops_with_sigint():
     assert worker["command"][:7] == ["prefect", "worker", "start", "--pool", "gstalker", "--type", "process"]
 
 
+def test_workers_report_their_health_to_compose_and_kubernetes():
+    worker = _compose()["services"]["worker"]
+    assert "--with-healthcheck" in worker["command"]
+    assert "http://127.0.0.1:8080/health" in " ".join(worker["healthcheck"]["test"])  # Prefect's worker webserver
+    (gpu,) = _load(INFRA / "k8s" / "values.yaml")
+    assert gpu["worker"]["livenessProbe"]["enabled"] is True  # the chart adds --with-healthcheck and the probe
+
+
+def test_every_flow_run_sends_heartbeats_the_crash_automation_can_watch():
+    from flows import HEARTBEAT_FREQUENCY_S
+
+    (root,) = _load(REPO / "prefect.yaml")
+    for deployment in root["deployments"]:
+        env = deployment["work_pool"]["job_variables"]["env"]
+        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == str(HEARTBEAT_FREQUENCY_S), deployment["name"]
+    container = _template()["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "value": str(HEARTBEAT_FREQUENCY_S)} in container["env"]
+
+
 def test_compose_worker_env_is_a_valid_gstalker_store_config_pointing_at_seaweedfs():
     services = _compose()["services"]
     env = services["worker"]["environment"]
@@ -106,8 +125,9 @@ def test_compose_services_wait_for_healthy_dependencies():
         "bucket-init": {"condition": "service_completed_successfully"},
     }
     setup = services["prefect-setup"]["command"][-1]
-    for line in ("prefect work-pool create gstalker --type process", "prefect deploy --all"):
+    for line in ("prefect work-pool create gstalker --type process", "prefect deploy --all", "gstalker setup"):
         assert line in setup
+    assert setup.index("prefect deploy --all") < setup.index("gstalker setup")  # setup needs the deployments
     assert "-s3.allowDeleteBucketNotEmpty=false" in services["seaweedfs"]["command"]
 
 

@@ -1,9 +1,11 @@
-"""Production path, offline: a real Prefect server (SQLite), a real process worker, deployments
-applied from prefect.yaml, `gstalker submit` and nightly dubbing over a SeaweedFS store."""
+"""Production path, offline: a real Prefect server (SQLite), real process workers, deployments
+applied from prefect.yaml and the automations of `gstalker setup`, `gstalker submit` and nightly
+dubbing over a SeaweedFS store (which also holds Prefect's task results)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from uuid import UUID
 
 import httpx
 import pytest
@@ -31,28 +34,39 @@ def _port() -> int:
 
 
 class Production:
-    """The running stack: the environment every command gets, the logs folder, the current worker."""
+    """The running stack: the environment every command gets, the logs folder, the workers."""
 
-    def __init__(self, env: dict[str, str], logs: Path):
-        self.env, self.logs = env, logs
-        self.worker: subprocess.Popen | None = None
+    def __init__(self, env: dict[str, str], logs: Path, root: Path):
+        self.env, self.logs, self.root = env, logs, root
+        self.workers: dict[str, subprocess.Popen] = {}
 
-    def start_worker(self) -> None:
-        self.worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "gstalker", "--limit", "2"],
-                                       env=self.env, cwd=REPO, stdout=open(self.logs / "worker.log", "ab"),
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+    def start_worker(self, name: str) -> None:
+        """A process worker with a home of its own (PREFECT_HOME, GSTALKER_HOME): like a worker on
+        another machine, it sees only what lives on the server and in the S3 store. One flow run
+        at a time, so runs queued together spread over the workers."""
+        homes = {"PREFECT_HOME": str(self.root / name / "prefect"), "GSTALKER_HOME": str(self.root / name / "home")}
+        (self.root / name).mkdir(exist_ok=True)
+        self.workers[name] = subprocess.Popen(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "gstalker", "--name", name, "--limit", "1"],
+            env={**self.env, **homes, "PREFECT_LOGGING_LEVEL": "INFO"}, cwd=REPO,
+            stdout=open(self.logs / f"{name}.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
-    def kill_worker(self) -> None:
+    def kill_worker(self, name: str) -> None:
         """SIGKILL the worker and every flow-run process it started, as if its machine died.
         Flow-run processes lead sessions of their own, so killing the worker's group is not enough."""
+        worker = self.workers.pop(name)
         groups = set()
-        for pid in [self.worker.pid, *_descendants(self.worker.pid)]:
+        for pid in [worker.pid, *_descendants(worker.pid)]:
             with contextlib.suppress(ProcessLookupError):  # it ended on its own meanwhile
                 groups.add(os.getpgid(pid))
         for group in groups:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
-        self.worker.wait(30)
+        worker.wait(30)
+
+    def ran(self, name: str) -> str:
+        """The worker's log: every flow run it picked up is named there."""
+        return (self.logs / f"{name}.log").read_text(errors="replace")
 
 
 def _descendants(pid: int) -> list[int]:
@@ -80,7 +94,7 @@ def production(tmp_path_factory, s3_server):
     env = {**os.environ, **s3_server.env(),
            "PREFECT_HOME": str(root / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_LOGGING_LEVEL": "WARNING",
-           "GSTALKER_REPO": str(REPO), "GSTALKER_HOME": str(root / "home"),
+           "GSTALKER_REPO": str(REPO), "GSTALKER_HOME": str(root / "home"), "GSTALKER_GPUS": "2",
            "GSTALKER_STORE__URL": s3_server.url(bucket, "prod"), "GSTALKER_STORE__ENDPOINT_URL": s3_server.endpoint_url,
            "GSTALKER_STORE__ADDRESSING_STYLE": "path"}
     logs = root / "logs"
@@ -88,7 +102,7 @@ def production(tmp_path_factory, s3_server):
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=open(logs / "server.log", "wb"), stderr=subprocess.STDOUT,
                               start_new_session=True)
-    stack = Production(env, logs)
+    stack = Production(env, logs, root)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -102,11 +116,14 @@ def production(tmp_path_factory, s3_server):
         run = lambda *args: subprocess.run(args, env=env, cwd=REPO, check=True, capture_output=True, text=True)  # noqa: E731
         run(str(BIN / "prefect"), "work-pool", "create", "gstalker", "--type", "process", "--overwrite")
         run(str(BIN / "prefect"), "deploy", "--all", "--no-prompt")
-        stack.start_worker()
+        # a run is Crashed 60 s after its last heartbeat (they come every 30 s)
+        run(str(BIN / "gstalker"), "setup", "--heartbeat-timeout", "60", "--max-attempts", "3")
+        stack.start_worker("worker-a")
         yield stack
     finally:
-        for proc, sig in ((stack.worker, signal.SIGINT), (server, signal.SIGTERM)):  # the worker ignores SIGTERM
-            if proc is not None and proc.poll() is None:
+        procs = [*((w, signal.SIGINT) for w in stack.workers.values()), (server, signal.SIGTERM)]
+        for proc, sig in procs:  # the worker ignores SIGTERM
+            if proc.poll() is None:
                 os.killpg(proc.pid, sig)
                 try:
                     proc.wait(30)
@@ -129,6 +146,15 @@ def _wait(env, run_id: str, timeout: float = 600) -> str:
     raise AssertionError(f"flow run {run_id} did not finish in {timeout} s")
 
 
+def _runs_tagged(env, tag: str):
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+
+    with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[tag])))
+    return sorted(runs, key=lambda r: r.created)
+
+
 def _store(env, monkeypatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
         monkeypatch.setenv(name, env[name])
@@ -141,56 +167,50 @@ def _gstalker(env, *args) -> str:
     return out.stdout
 
 
-def test_submit_runs_to_completed_through_the_worker_and_resubmit_says_so(production, clip, monkeypatch):
-    env, logs = production.env, production.logs
+def _audio_feature_sizes(store) -> set[int]:
+    """n_features of every audio stage in the store (the config each was made with)."""
+    sizes = set()
+    for key in store.list("stages/audio/"):
+        if key.endswith("/MANIFEST.json"):
+            sizes.add(json.loads(store.get_bytes(key))["meta"]["spec"]["n_features"])
+    return sizes
+
+
+def test_submit_sends_the_config_by_content_and_runs_to_completed(production, clip, tmp_path, monkeypatch):
+    env = production.env
     video = str(clip("submit3s.mp4", seconds=3.0))
-    out = _gstalker(env, "submit", video, "--speaker", "queued-speaker", "--profile", "tiny")
+    config = tmp_path / "speaker.yaml"
+    config.write_text("audio:\n  n_features: 24\n")  # the tiny profile has 32
+    out = _gstalker(env, "submit", video, "--speaker", "queued-speaker", "--profile", "tiny", "--config", str(config))
     run_id = out.split("flow run ")[1].split()[0]
-    assert _wait(env, run_id) == "Completed", (logs / "worker.log").read_text()[-3000:]
-    again = _gstalker(env, "submit", video, "--speaker", "queued-speaker", "--profile", "tiny")
-    assert "already submitted" in again and run_id in again
-    status = _gstalker(env, "status", run_id)
-    assert "Completed" in status
+    config.unlink()  # the worker never reads the file: the submission carried its content
+    assert _wait(env, run_id) == "Completed", production.ran("worker-a")[-3000:]
     store = _store(env, monkeypatch)
+    assert _audio_feature_sizes(store) == {24}
     assert store.exists("speakers/queued-speaker/model.json")
     assert any(k.startswith("stages/evaluate/") for k in store.list("stages/evaluate/"))
+    assert store.list("prefect-results/")  # Prefect's task results live in the bucket, beside the stages
+
+    config.write_text("audio:\n  n_features: 24\n")  # the same content again: the same submission
+    again = _gstalker(env, "submit", video, "--speaker", "queued-speaker", "--profile", "tiny", "--config", str(config))
+    assert "already submitted" in again and run_id in again
+    config.write_text("audio:\n  n_features: 20\n")  # an edit is a new submission
+    edited = _gstalker(env, "submit", video, "--speaker", "edited-speaker", "--profile", "tiny", "--config", str(config))
+    assert "already submitted" not in edited
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
+        client.set_flow_run_state(UUID(edited.split("flow run ")[1].split()[0]), _cancelled(), force=True)
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluation-queued-speaker"])))
     assert artifacts and "| gstalker |" in artifacts[0].data
+    assert "Completed" in _gstalker(env, "status", run_id)
 
 
-def test_two_overlapping_nightly_runs_render_each_job_once(production, tmp_path, monkeypatch):
-    env, logs = production.env, production.logs
-    store = _store(env, monkeypatch)
-    assert store.exists("speakers/queued-speaker/model.json"), "runs after the submit test"
-    for i, seconds in enumerate((1.0, 1.4)):
-        wav = tmp_path / f"speech{i}.wav"
-        subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i",
-                        f"sine=frequency={200 + 50 * i}:duration={seconds}", str(wav)], check=True)
-        store.put_file(f"uploads/speech{i}.wav", wav)
-        jobs.submit(store, f"night-{i}", jobs.DubJob(speaker="queued-speaker", audio=f"uploads/speech{i}.wav",
-                                                     profile="tiny"))
-    store.put_bytes("jobs/inbox/night-bad.json", b'{"speaker": "nobody-here", "audio": "uploads/speech0.wav"}')
-    ids = []
-    for _ in range(2):  # two overlapping runs over the same inbox
-        out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "nightly-dubbing/nightly-dubbing",
-                              "--param", "profile=tiny"], env=env, cwd=REPO, capture_output=True, text=True, check=True)
-        ids.append(out.stdout.split("UUID: ")[1].split()[0])
-    assert [_wait(env, run_id) for run_id in ids] == ["Completed", "Completed"], (logs / "worker.log").read_text()[-3000:]
-    outcomes = {job_id: jobs.outcome(store, job_id) for job_id in ("night-0", "night-1", "night-bad")}
-    assert outcomes["night-0"].status == outcomes["night-1"].status == "done"
-    assert outcomes["night-bad"].status == "failed" and "nobody-here" in outcomes["night-bad"].reason
-    assert jobs.inbox(store) == [] and store.list("jobs/claims/") == []
-    from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+def _cancelled():
+    from prefect.states import Cancelled
 
-    with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
-        renders = client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="dub-queued-speaker-night")))
-    assert sorted(r.name for r in renders) == ["dub-queued-speaker-night-0", "dub-queued-speaker-night-1"]  # once each
-    assert {outcomes["night-0"].owner, outcomes["night-1"].owner} <= {f"flow-run-{i}" for i in ids}
+    return Cancelled(message="not needed by the test")
 
 
 def _task_states(env, run_id: str, speaker: str) -> dict[str, str]:
@@ -205,8 +225,12 @@ def _task_states(env, run_id: str, speaker: str) -> dict[str, str]:
     return {run.name.removesuffix(f"-{speaker}"): run.state.name for run in runs if run.state}
 
 
-def test_worker_killed_mid_training_then_resubmitted_reuses_the_finished_stages(production, clip):
-    env, logs = production.env, production.logs
+def test_a_dead_workers_run_is_crashed_and_resubmitted_by_prefect_and_another_worker_reuses_its_stages(
+        production, clip):
+    """No operator: the heartbeat automation marks the run Crashed, the resubmit automation
+    queues the next attempt, and a worker with another home finishes it, its finished stages
+    Cached from the results the dead worker left in S3."""
+    env = production.env
     speaker = "killed-speaker"
     video = str(clip("killed3s.mp4", seconds=3.2))  # not the submit test's clip: nothing of it is in the store yet
 
@@ -221,28 +245,24 @@ def test_worker_killed_mid_training_then_resubmitted_reuses_the_finished_stages(
             break
         assert time.monotonic() < deadline and "publish" not in states, f"no kill point in {states}"
         time.sleep(0.3)
-    production.kill_worker()
+    production.kill_worker("worker-a")
     finished = sorted(stage for stage, state in _task_states(env, first, speaker).items() if state == "Completed")
     print(f"\nworker killed with {first} at {states}")
-
-    # Prefect cannot tell a dead worker from a slow one: the run stays Running, and a repeat
-    # submission still points at it.
-    again = submit()
+    again = submit()  # the run still looks alive until its heartbeats are missed
     assert "already submitted" in again and first in again and "(Running)" in again
-    assert "mark the run Crashed" in again
-    # What an operator does (UI: the run's menu, Change state -> Crashed).
-    from uuid import UUID
 
-    from prefect.client.orchestration import SyncPrefectClient
-    from prefect.states import Crashed
-
-    with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
-        client.set_flow_run_state(UUID(first), Crashed(message="worker machine lost"), force=True)
-    production.start_worker()
-    out = submit()
-    assert f"replacing {first} (Crashed)" in out, out
-    second = out.split("flow run ")[1].split(",")[0]
-    assert _wait(env, second) == "Completed", (logs / "worker.log").read_text()[-3000:]
+    killed_at = time.monotonic()
+    assert _wait(env, first, timeout=240) == "Crashed"
+    print(f"Crashed by the heartbeat automation {time.monotonic() - killed_at:.0f} s after the kill")
+    production.start_worker("worker-b")  # another machine: its own PREFECT_HOME and GSTALKER_HOME
+    (submission,) = [t for t in _runs_tagged(env, f"speaker:{speaker}")[0].tags if t.startswith("submission:")]
+    deadline = time.monotonic() + 300
+    while len(runs := _runs_tagged(env, submission)) < 2:  # the resubmit-crashed run makes attempt 2
+        assert time.monotonic() < deadline, production.ran("worker-b")[-3000:]
+        time.sleep(2)
+    second = str(runs[-1].id)
+    assert _wait(env, second) == "Completed", production.ran("worker-b")[-3000:]
+    assert second in production.ran("worker-b")
 
     deadline = time.monotonic() + 20  # task-run states arrive through events: allow a moment
     while not all((resumed := _task_states(env, second, speaker)).get(stage) == "Cached" for stage in finished):
@@ -251,4 +271,45 @@ def test_worker_killed_mid_training_then_resubmitted_reuses_the_finished_stages(
     print(f"skipped (Cached) after the resubmission: {finished}; ran: "
           f"{sorted(s for s, state in resumed.items() if state != 'Cached')}")
     assert finished and resumed["publish"] == "Completed"
+    assert len(_runs_tagged(env, submission)) == 2  # resubmitted once, not once per automation firing
     assert "already submitted" in submit()  # a completed run counts again
+
+
+def test_nightly_jobs_become_dub_runs_that_both_workers_render_once_each(production, tmp_path, monkeypatch):
+    env = production.env
+    store = _store(env, monkeypatch)
+    assert store.exists("speakers/queued-speaker/model.json"), "runs after the submit test"
+    if "worker-b" not in production.workers:  # the crash test left worker-b running; a second worker beside it
+        production.start_worker("worker-b")
+    production.start_worker("worker-c")
+    good = [f"night-{i}" for i in range(4)]
+    for i, job_id in enumerate(good):
+        wav = tmp_path / f"speech{i}.wav"
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i",
+                        f"sine=frequency={200 + 50 * i}:duration={1.0 + 0.2 * i}", str(wav)], check=True)
+        store.put_file(f"uploads/speech{i}.wav", wav)
+        jobs.submit(store, job_id, jobs.DubJob(speaker="queued-speaker", audio=f"uploads/speech{i}.wav", profile="tiny"))
+    store.put_bytes("jobs/inbox/night-nobody.json",
+                    b'{"speaker": "nobody-here", "audio": "uploads/speech0.wav", "profile": "tiny"}')
+    store.put_bytes("jobs/inbox/night-garbled.json", b"{not json")
+    ids = []
+    for _ in range(2):  # two overlapping nightly runs over the same inbox
+        out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "nightly-dubbing/nightly-dubbing",
+                              "--param", "profile=tiny"], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+        ids.append(out.stdout.split("UUID: ")[1].split()[0])
+    assert [_wait(env, run_id) for run_id in ids] == ["Completed", "Completed"]
+
+    dub_runs = {job_id: _runs_tagged(env, f"job:{job_id}") for job_id in [*good, "night-nobody"]}
+    assert all(len(runs) == 1 for runs in dub_runs.values()), dub_runs  # queued once, by two nightly runs
+    finals = {job_id: _wait(env, str(runs[0].id)) for job_id, runs in dub_runs.items()}
+    assert finals == {**{j: "Completed" for j in good}, "night-nobody": "Failed"}
+    outcomes = {job_id: jobs.outcome(store, job_id) for job_id in [*good, "night-nobody", "night-garbled"]}
+    assert all(outcomes[j].status == "done" and outcomes[j].output.endswith(".mp4") for j in good)
+    assert outcomes["night-nobody"].status == "failed" and "nobody-here" in outcomes["night-nobody"].reason
+    assert outcomes["night-garbled"].status == "failed" and "invalid" in outcomes["night-garbled"].reason
+    assert jobs.inbox(store) == []
+    rendered_by = {name: [j for j in good if str(dub_runs[j][0].id) in production.ran(name)]
+                   for name in ("worker-b", "worker-c")}
+    print(f"\ndub runs per worker: {rendered_by}")
+    assert all(rendered_by.values()), f"one worker rendered every job: {rendered_by}"
+    assert sorted(j for js in rendered_by.values() for j in js) == good  # each job by one worker

@@ -65,20 +65,6 @@ class ArtifactStore(ABC):
         """A path to read ``key`` in place, when the store is on this filesystem."""
         return None
 
-    # Conditional writes: the atomic primitives behind leases (job claims). A tag is an
-    # opaque version of an object's content (S3's ETag, a content hash locally).
-    @abstractmethod
-    def put_bytes_if_absent(self, key: str, data: bytes) -> str | None:
-        """Create ``key`` unless it exists; the new tag, or None if it already existed."""
-
-    @abstractmethod
-    def get_bytes_and_tag(self, key: str) -> tuple[bytes, str] | None:
-        """Content and tag of ``key``, or None if it does not exist."""
-
-    @abstractmethod
-    def replace_bytes_if_tag(self, key: str, data: bytes, tag: str) -> str | None:
-        """Overwrite ``key`` only if its tag is still ``tag``; the new tag, or None if it changed."""
-
     # Trees are built from the single-object primitives above, so both backends share them.
     def put_dir(self, prefix: str, directory: Path) -> list[str]:
         keys = []

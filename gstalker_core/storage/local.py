@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import StorageError
 from .base import ArtifactStore, check_key
-
-_LOCKS = ".locks"  # flock files for conditional writes; not objects
 
 
 class LocalStore(ArtifactStore):
@@ -74,7 +69,7 @@ class LocalStore(ArtifactStore):
         for p in start.rglob("*"):
             if p.is_file() and not p.name.endswith(".part"):
                 key = p.relative_to(self.root).as_posix()
-                if key.startswith(prefix) and not key.startswith(_LOCKS + "/"):
+                if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
 
@@ -84,37 +79,3 @@ class LocalStore(ArtifactStore):
     def local_path(self, key: str) -> Path | None:
         p = self._path(key)
         return p if p.is_file() else None
-
-    @contextmanager
-    def _key_lock(self, key: str):
-        """Serialise conditional writes to one key across processes (flock on a side file)."""
-        lock = self.root / _LOCKS / hashlib.sha256(check_key(key).encode()).hexdigest()
-        lock.parent.mkdir(exist_ok=True)
-        with open(lock, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    def put_bytes_if_absent(self, key: str, data: bytes) -> str | None:
-        with self._key_lock(key):
-            if self.exists(key):
-                return None
-            self.put_bytes(key, data)
-        return hashlib.sha256(data).hexdigest()
-
-    def get_bytes_and_tag(self, key: str) -> tuple[bytes, str] | None:
-        try:
-            data = self._path(key).read_bytes()
-        except FileNotFoundError:
-            return None
-        return data, hashlib.sha256(data).hexdigest()
-
-    def replace_bytes_if_tag(self, key: str, data: bytes, tag: str) -> str | None:
-        with self._key_lock(key):
-            current = self.get_bytes_and_tag(key)
-            if current is None or current[1] != tag:
-                return None
-            self.put_bytes(key, data)
-        return hashlib.sha256(data).hexdigest()

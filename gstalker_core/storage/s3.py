@@ -32,8 +32,6 @@ from .base import ArtifactStore, check_key
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
                "ExpiredToken", "AuthorizationHeaderMalformed", "403"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-# Conditional put lost the race (412) or raced a concurrent conditional write (409).
-_PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
 
 class S3Store(ArtifactStore):
@@ -183,28 +181,3 @@ class S3Store(ArtifactStore):
         except (BotoCoreError, ClientError) as e:
             if not self._missing(e):
                 raise self._error(e, f"delete {key}") from None
-
-    def _conditional_put(self, key: str, data: bytes, **condition: str) -> str | None:
-        try:
-            return self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **condition)["ETag"]
-        except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code", "")) in _PRECONDITION_CODES:
-                return None
-            raise self._error(e, f"write {key}") from None
-        except BotoCoreError as e:
-            raise self._error(e, f"write {key}") from None
-
-    def put_bytes_if_absent(self, key: str, data: bytes) -> str | None:
-        return self._conditional_put(key, data, IfNoneMatch="*")
-
-    def get_bytes_and_tag(self, key: str) -> tuple[bytes, str] | None:
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
-            return obj["Body"].read(), obj["ETag"]
-        except (BotoCoreError, ClientError) as e:
-            if self._missing(e):
-                return None
-            raise self._error(e, f"read {key}") from None
-
-    def replace_bytes_if_tag(self, key: str, data: bytes, tag: str) -> str | None:
-        return self._conditional_put(key, data, IfMatch=tag)
