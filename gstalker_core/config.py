@@ -60,7 +60,10 @@ class IngestConfig(Section):
     detect_width: int = Field(default=320, ge=96, le=1280, description="frame width for face detection")
     detect_every: int = Field(default=5, ge=1, description="run face detection on every n-th frame")
     max_missing_face_fraction: float = Field(default=0.2, ge=0.0, le=1.0)
-    chunk_frames: int = Field(default=100, ge=1, description="frames per stored chunk")
+    chunk_frames: int = Field(default=100, ge=1, description="frames per stored chunk (one group of pictures)")
+    frame_codec: Literal["h264", "ffv1"] = Field(default="h264", description="h264: RGB at frame_crf; ffv1: lossless")
+    frame_crf: int = Field(default=12, ge=0, le=51, description="H.264 quality of stored frames: lower is better "
+                                                                 "and larger, 0 lossless")
 
 
 class AudioConfig(Section):

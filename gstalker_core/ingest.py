@@ -6,8 +6,11 @@ Two streaming passes over the source, so memory is bounded whatever its length a
    picks one square crop for the whole clip (a moving crop would move the camera);
 2. the crop is decoded at 25 fps, scaled to ``resolution`` and written in chunks.
 
-Stage parts: ``frames_<chunk>.npz`` (see ``gstalker_core.frames``) and ``audio.wav``
-(16 kHz mono PCM s16). Stage meta: ``IngestManifest``.
+Stage parts: ``frames_<chunk>.mkv`` (H.264-in-RGB or FFV1 video chunks, see
+``gstalker_core.frames``) and ``audio.wav`` (16 kHz mono PCM s16). Stage meta:
+``IngestManifest``. Stages stored before video chunks (``frames_<chunk>.npz``) are still
+read; their key differs (the codec settings are part of the ingest config), so a new run
+builds the new form.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pydantic import BaseModel
 from . import media
 from .config import IngestConfig, PipelineConfig
 from .errors import InputError
-from .frames import ChunkReader, ChunkWriter
+from .frames import ChunkReader, ChunkWriter, VideoCodec
 from .mediapipe_models import solutions
 from .storage.uploads import fetch_media
 from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, fetch_stage, run_stage, sha256_file
@@ -183,7 +186,7 @@ def build_ingest(path: Path, cfg: IngestConfig, workdir: Path, source_sha256: st
     info = media.probe(path)
     warnings = validate(info, cfg)
     crop, fraction, crop_warnings = find_crop(path, info, cfg, progress)
-    writer = ChunkWriter(workdir, FRAMES, cfg.chunk_frames)
+    writer = ChunkWriter(workdir, FRAMES, cfg.chunk_frames, VideoCodec(cfg.frame_codec, cfg.frame_crf))
     expected = max(1, int(round(info.duration_s * cfg.fps)))
     for i, frame in enumerate(media.stream_frames(path, cfg.fps, cfg.resolution, cfg.resolution,
                                                    crop=(crop.x, crop.y, crop.size, crop.size))):
@@ -225,7 +228,7 @@ def open_frames(store: ArtifactStore, ingest_run: StageManifest, cache_dir: Path
     """Streaming reader of the clip's RGB uint8 (R, R, 3) frames."""
     meta = manifest_of(ingest_run)
     parts = {name: path for name, path in fetch_stage(store, ingest_run, cache_dir).items() if name != AUDIO}
-    return ChunkReader.from_parts(parts, FRAMES, meta.chunk_frames, meta.n_frames)
+    return ChunkReader.from_parts(parts, FRAMES, meta.chunk_frames, meta.n_frames, (meta.resolution, meta.resolution))
 
 
 def audio_path(store: ArtifactStore, ingest_run: StageManifest, cache_dir: Path) -> Path:
