@@ -32,12 +32,13 @@ sys.path.insert(0, str(REPO))
 
 from gstalker_core import __version__  # noqa: E402
 from gstalker_core.audio import compute_features, spec_for  # noqa: E402
-from gstalker_core.avatar import render_avatar  # noqa: E402
 from gstalker_core.bundle import FORMAT_VERSION, Bundle, BundleManifest, load_bundle, save_bundle  # noqa: E402
+from gstalker_core.conditions import FrameSource  # noqa: E402
 from gstalker_core.config import load_config  # noqa: E402
+from gstalker_core.dub import render_chunk  # noqa: E402
 from gstalker_core.media import VideoWriter  # noqa: E402
 from gstalker_core.render.gaussians import GaussianModel  # noqa: E402
-from gstalker_core.talking_head import FrameConditions, TalkingHead, eye_openness  # noqa: E402
+from gstalker_core.talking_head import TalkingHead  # noqa: E402
 
 
 def synthetic_bundle(profile: str, n_gaussians: int) -> Bundle:
@@ -82,19 +83,13 @@ def fps(bundle: Bundle, frames: int, chunk: int) -> dict[str, float]:
     features = compute_features(samples, spec, n_frames=frames)
     feature_s = time.perf_counter() - start
     model, size = bundle.model, bundle.manifest.resolution
-    plate = torch.from_numpy(bundle.plate.astype(np.float32) / 255)
-    K = torch.from_numpy(bundle.K)
+    source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate, torch.device("cpu"), features)
     render_s = encode_s = 0.0
     with tempfile.TemporaryDirectory() as tmp, VideoWriter(Path(tmp) / "out.mp4", size, size, 25) as writer:
         for first in range(0, frames, chunk):
             idx = np.arange(first, min(first + chunk, frames))
-            source = idx % len(bundle.viewmats)
             t0 = time.perf_counter()
-            cond = FrameConditions(audio=model.audio_encoder.windows(features, idx),
-                                   eye=torch.from_numpy(eye_openness(bundle.blink[source])),
-                                   viewmats=torch.from_numpy(bundle.viewmats[source]), track_frames=torch.from_numpy(source))
-            heads, torsos = model.frames(cond)
-            rgb = (render_avatar(heads, torsos, cond.viewmats, K, plate).rgb.clamp(0, 1) * 255).round().byte().numpy()
+            rgb = (render_chunk(model, source, idx, idx % len(bundle.viewmats)) * 255).round().byte().numpy()
             t1 = time.perf_counter()
             for image in rgb:
                 writer.write(image)

@@ -1,11 +1,14 @@
 """Rasteriser speed: forward + backward of a head-like scene.
 
-    .venv/bin/python bench/raster_bench.py            # CPU reference: 5k/20k/50k at 128 and 256 px
+    .venv/bin/python bench/raster_bench.py            # CPU: reference and numba, 5k/20k/50k at 128 and 256 px
     .venv/bin/python bench/raster_bench.py --gsplat   # also gsplat at 512 px (CUDA machine)
 
 The scene: Gaussians in an ellipsoid 0.2 units across, 0.6 in front of a camera with a
 20 degree field of view (like a tracked head filling the crop), sized so they overlap
-as a fitted head does. Prints median milliseconds over a few repeats and peak RSS.
+as a fitted head does. Prints median milliseconds over a few repeats (the first call of
+each configuration is left out: it warms caches, and for numba compiles or loads the
+kernels), the numba/reference speedup, the cold first numba call of the process and peak
+RSS. Threads: torch.set_num_threads / NUMBA_NUM_THREADS.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import numba
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,21 +66,39 @@ def time_backend(n: int, size: int, backend: str, device: str, repeats: int) -> 
     return statistics.median(times[1:]) * 1000, pairs
 
 
+def cold_first_call() -> str:
+    """The process's first numba render: its kernels compiled (empty cache) or loaded from the disk cache."""
+    params = head_scene(100, "cpu")
+    viewmats, Ks = camera(32, "cpu")
+    start = time.perf_counter()
+    img, alpha, _ = rasterization(*params, viewmats, Ks, 32, 32, sh_degree=1, backend="numba")
+    (img.sum() + alpha.sum()).backward()
+    ms = (time.perf_counter() - start) * 1000
+    from gstalker_core.render import cpu_tiles
+
+    source = "loaded from the disk cache" if cpu_tiles._forward.stats.cache_hits else "compiled, cache was empty"
+    return f"numba cold first call (fwd+bwd, kernels {source}): {ms:.0f} ms; " \
+           f"{numba.get_num_threads()} threads, {numba.threading_layer()} layer"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gsplat", action="store_true", help="also time gsplat at 512 px on CUDA")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("backend  device  gaussians  px   fwd+bwd ms  (pixel, gaussian) pairs")
+    print(cold_first_call())
+    print("gaussians  px   torch fwd+bwd ms  numba fwd+bwd ms  speedup  (pixel, gaussian) pairs torch / numba")
     for size in (128, 256):
         for n in (5000, 20000, 50000):
-            ms, pairs = time_backend(n, size, "torch", "cpu", args.repeats)
-            print(f"torch    cpu     {n:>9}  {size:<4} {ms:>10.1f}  {pairs}")
+            torch_ms, torch_pairs = time_backend(n, size, "torch", "cpu", args.repeats)
+            numba_ms, numba_pairs = time_backend(n, size, "numba", "cpu", args.repeats)
+            print(f"{n:>9}  {size:<4} {torch_ms:>16.1f}  {numba_ms:>16.1f}  {torch_ms / numba_ms:>6.1f}x  "
+                  f"{torch_pairs} / {numba_pairs}")
     if args.gsplat:
         for n in (5000, 20000, 50000):
             ms, _ = time_backend(n, 512, "gsplat", "cuda", args.repeats * 10)
-            print(f"gsplat   cuda    {n:>9}  512  {ms:>10.2f}")
+            print(f"gsplat cuda {n:>9} Gaussians  512 px  {ms:>10.2f} ms")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

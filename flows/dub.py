@@ -14,6 +14,7 @@ from gstalker_core import jobs
 from gstalker_core.config import PipelineConfig, load_config
 from gstalker_core.errors import GstalkerError
 from gstalker_core.naming import validate_speaker
+from gstalker_core.runtime import on_gpu
 from gstalker_core.storage import open_store
 from tasks.gpu import gpu_slot
 from tasks.results import with_results_in_store
@@ -23,8 +24,8 @@ from tasks.stages import retry_transient
 @task(name="render-dub", task_run_name="render-dub-{speaker}", tags=["gpu"], retries=2, retry_delay_seconds=[5, 30],
       retry_condition_fn=retry_transient)
 def render_dub(speaker: str, audio: str, cfg: PipelineConfig) -> str:
-    with gpu_slot():
-        return dubbing.run(open_store(cfg), speaker, audio, cfg).key
+    with gpu_slot() as gpu:
+        return dubbing.run(open_store(cfg), speaker, audio, on_gpu(cfg, gpu)).key
 
 
 @flow(name="dub", flow_run_name="dub-{speaker}", log_prints=True)

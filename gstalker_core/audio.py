@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 
 from .config import AudioConfig, PipelineConfig
 from .errors import InputError
-from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, run_stage
+from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
 
 STAGE = "audio"
 CODE_VERSION = "1"
@@ -234,8 +234,12 @@ def frame_windows(features: np.ndarray, frame_indices: np.ndarray | list[int], s
     return features[idx]
 
 
+def work(ingest_run: StageManifest, cfg: PipelineConfig) -> StageWork:
+    return StageWork(STAGE, CODE_VERSION, cfg.audio, {"ingest": ingest_run.key})
+
+
 def stage_key(ingest_run: StageManifest, cfg: PipelineConfig) -> str:
-    return content_key(STAGE, CODE_VERSION, cfg.audio, {"ingest": ingest_run.key})
+    return work(ingest_run, cfg).key
 
 
 def run(store: ArtifactStore, ingest_run: StageManifest, cfg: PipelineConfig) -> StageRun:
@@ -251,8 +255,7 @@ def run(store: ArtifactStore, ingest_run: StageManifest, cfg: PipelineConfig) ->
         return AudioFeaturesMeta(spec=spec, n_steps=len(feats), n_frames=n_frames,
                                  duration_s=signal.duration_s).model_dump(mode="json")
 
-    return run_stage(store, stage=STAGE, code_version=CODE_VERSION, config=cfg.audio,
-                     inputs={"ingest": ingest_run.key}, build=build, cache_dir=cfg.cache_dir)
+    return run_stage(store, work(ingest_run, cfg), build, cfg.cache_dir)
 
 
 def load_features(store: ArtifactStore, audio_run: StageManifest, cache_dir: Path,

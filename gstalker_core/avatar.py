@@ -22,11 +22,13 @@ from .render.rasterize import rasterization
 
 @dataclass
 class GaussianState:
-    """Activated Gaussian parameters of one frame, as the rasteriser takes them."""
+    """Activated Gaussian parameters, as the rasteriser takes them: one set shared by every
+    frame, or a deformed set per frame (``batched``: means, quats and log-scales with a
+    leading frame dimension B; opacities and colours stay shared)."""
 
-    means: torch.Tensor  # (N, 3)
-    quats: torch.Tensor  # (N, 4) w, x, y, z (normalised by the rasteriser)
-    log_scales: torch.Tensor  # (N, 3)
+    means: torch.Tensor  # (N, 3) or (B, N, 3)
+    quats: torch.Tensor  # (N, 4) or (B, N, 4) w, x, y, z (normalised by the rasteriser)
+    log_scales: torch.Tensor  # (N, 3) or (B, N, 3)
     opacities: torch.Tensor  # (N,) in [0, 1]
     colors: torch.Tensor  # (N, K, 3) SH coefficients
     sh_degree: int
@@ -35,6 +37,19 @@ class GaussianState:
     def of(cls, model: GaussianModel) -> "GaussianState":
         return cls(model.means, model.quats, model.log_scales, torch.sigmoid(model.opacity_logits),
                    model.sh_coefficients(), model.sh_degree)
+
+    @property
+    def batched(self) -> bool:
+        return self.means.dim() == 3
+
+    def deformed(self, means: torch.Tensor, quats: torch.Tensor, log_scales: torch.Tensor) -> "GaussianState":
+        """The per-frame set with these (B, N, ...) attributes."""
+        return GaussianState(means, quats, log_scales, self.opacities, self.colors, self.sh_degree)
+
+    def frame(self, i: int) -> "GaussianState":
+        """Frame ``i`` of a batched set, as a shared set (what a reader of one frame wants)."""
+        return GaussianState(self.means[i], self.quats[i], self.log_scales[i], self.opacities, self.colors,
+                             self.sh_degree)
 
 
 @dataclass
@@ -51,33 +66,27 @@ class Layers:
 
 
 def _render(state: GaussianState, viewmats: torch.Tensor, K: torch.Tensor, size: int, backend: str):
-    colors, alphas, meta = rasterization(
-        state.means, state.quats, torch.exp(state.log_scales), state.opacities, state.colors, viewmats,
-        K.expand(len(viewmats), 3, 3), size, size, sh_degree=state.sh_degree, backend=backend)
-    return colors, alphas, meta
+    """One rasteriser call for all of ``viewmats``' cameras; a batched state gives camera c
+    its own frame's Gaussians."""
+    cameras = len(viewmats)
+    opacities, colors = state.opacities, state.colors
+    if state.batched:
+        opacities, colors = opacities.expand(cameras, *opacities.shape), colors.expand(cameras, *colors.shape)
+    return rasterization(state.means, state.quats, torch.exp(state.log_scales), opacities, colors, viewmats,
+                         K.expand(cameras, 3, 3), size, size, sh_degree=state.sh_degree, backend=backend)
 
 
-def render_avatar(head: GaussianState | list[GaussianState], torso: GaussianState | list[GaussianState],
-                  viewmats: torch.Tensor, K: torch.Tensor, plate: torch.Tensor, backend: str = "auto") -> Layers:
-    """Render B frames. ``head``/``torso``: one state shared by all frames, or one per frame
-    (deformed); ``viewmats`` (B, 4, 4) head-to-camera; ``K`` (3, 3); ``plate`` (H, W, 3)."""
-    size = plate.shape[0]
-    identity = torch.eye(4, dtype=viewmats.dtype, device=viewmats.device)[None]
-    heads = head if isinstance(head, list) else None
-    torsos = torso if isinstance(torso, list) else None
-    if heads is None:
-        head_rgb, head_alpha, head_meta = _render(head, viewmats, K, size, backend)
-    else:  # a deformed state per frame: one rasteriser call each
-        outs = [_render(h, viewmats[i:i + 1], K, size, backend) for i, h in enumerate(heads)]
-        head_rgb, head_alpha = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-        head_meta = {"per_frame": [o[2] for o in outs]}
-    if torsos is None:
-        torso_rgb, torso_alpha, torso_meta = _render(torso, identity, K, size, backend)
-        torso_rgb, torso_alpha = torso_rgb.expand(len(viewmats), -1, -1, -1), torso_alpha.expand(len(viewmats), -1, -1, -1)
-    else:
-        outs = [_render(t, identity, K, size, backend) for t in torsos]
-        torso_rgb, torso_alpha = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-        torso_meta = {"per_frame": [o[2] for o in outs]}
+def render_avatar(head: GaussianState, torso: GaussianState, viewmats: torch.Tensor, K: torch.Tensor,
+                  plate: torch.Tensor, backend: str = "auto") -> Layers:
+    """Render B frames, each layer in one rasteriser call. ``head``/``torso``: one state shared
+    by all frames, or a batched state of B deformed frames; ``viewmats`` (B, 4, 4)
+    head-to-camera; ``K`` (3, 3); ``plate`` (H, W, 3); all on one device."""
+    size, frames = plate.shape[0], len(viewmats)
+    head_rgb, head_alpha, head_meta = _render(head, viewmats, K, size, backend)
+    identity = torch.eye(4, dtype=viewmats.dtype, device=viewmats.device).expand(frames if torso.batched else 1, 4, 4)
+    torso_rgb, torso_alpha, torso_meta = _render(torso, identity, K, size, backend)
+    if not torso.batched:  # the camera-space torso is the same image in every frame: drawn once
+        torso_rgb, torso_alpha = torso_rgb.expand(frames, -1, -1, -1), torso_alpha.expand(frames, -1, -1, -1)
     lower = torso_rgb + (1 - torso_alpha) * plate
     rgb = head_rgb + (1 - head_alpha) * lower
     return Layers(rgb, head_rgb, head_alpha, torso_rgb, torso_alpha, head_meta, torso_meta)

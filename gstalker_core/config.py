@@ -129,9 +129,10 @@ class TrackConfig(Section):
 class DeformConfig(Section):
     """Deformation networks. Changing any field changes the trained model (and its cache key)."""
 
-    grid_backend: Literal["torch", "tcnn"] = Field(
+    grid_backend: Literal["auto", "torch", "tcnn"] = Field(
         default="torch", description="hash grid implementation; 'tcnn' needs tinycudann and CUDA, and its "
-                                     "weights do not load into the portable 'torch' backend")
+                                     "weights do not load into the portable 'torch' backend; 'auto' is tcnn where "
+                                     "it imports and CUDA is present, else torch (the choice enters the model's key)")
     hash_levels: int = Field(default=8, ge=1, le=32, description="resolution levels per plane")
     hash_features: int = Field(default=2, ge=1, le=8, description="features per level")
     hash_log2_table: int = Field(default=14, ge=8, le=24,
@@ -148,6 +149,14 @@ class DeformConfig(Section):
     torso_mlp_depth: int = Field(default=2, ge=1, description="hidden layers of the torso field MLP")
     torso_frequencies: int = Field(default=4, ge=0, le=12, description="sin/cos octaves encoding torso centres")
     torso_latent_dim: int = Field(default=8, ge=1, le=64, description="per-training-frame latent of the torso field")
+
+    def resolved(self) -> "DeformConfig":
+        """This config with ``grid_backend`` decided for this machine (``auto`` made concrete)."""
+        if self.grid_backend != "auto":
+            return self
+        from .deform.hashgrid import tcnn_usable
+
+        return self.model_copy(update={"grid_backend": "tcnn" if tcnn_usable() else "torch"})
 
     @model_validator(mode="after")
     def _resolutions_ordered(self) -> "DeformConfig":
@@ -188,7 +197,7 @@ class StaticFitConfig(Section):
     ssim_weight: float = Field(default=0.2, ge=0, le=1)
     eval_frames: int = Field(default=40, ge=1, description="held-out frames scored after the fit")
     checkpoint_every: int = Field(default=500, ge=1)
-    backend: Literal["auto", "torch", "gsplat"] = "auto"
+    backend: Literal["auto", "torch", "numba", "gsplat"] = "auto"
     seed: int = 0
     gaussians: GaussianConfig = GaussianConfig()
 
@@ -229,6 +238,20 @@ class DubConfig(Section):
         default=None, description="training frames [start, stop) the pose/blink track ping-pongs over (default all)")
 
 
+class RuntimeConfig(Section):
+    """Where and how tensors are computed. Results do not depend on these beyond float
+    tolerance, so no stage's content key holds them: a model trained on a GPU is the cache hit
+    of the same work on a CPU."""
+
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="auto (CUDA when present, else CPU) | cpu | cuda | cuda:N; a GPU stage run by a "
+                                    "worker uses the GPU of the slot it holds")
+    threads: int = Field(default=0, ge=0, description="CPU threads for torch and numba; 0 = all cores")
+    matmul_precision: Literal["highest", "high"] = Field(
+        default="highest", description="float32 matrix products: 'high' allows TF32 on CUDA (faster, ~1e-3 relative)")
+    batch_frames: int = Field(default=8, ge=1, description="frames rendered per rasteriser call in evaluation")
+
+
 class PipelineConfig(Section):
     profile: ProfileName = "preview"
     home: str = Field(default="", description="empty = $GSTALKER_HOME or ~/.gstalker")
@@ -240,6 +263,7 @@ class PipelineConfig(Section):
     static: StaticFitConfig = StaticFitConfig()
     train: TrainConfig = TrainConfig()
     dub: DubConfig = DubConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @property
     def home_dir(self) -> Path:

@@ -25,13 +25,15 @@ from . import media
 from .audio import Signal, check_spec, compute_features, spec_for
 from .avatar import render_avatar
 from .bundle import Bundle
+from .conditions import FrameSource, to_device
 from .config import AudioConfig, DubConfig, PipelineConfig
 from .errors import InputError
-from .pose_track import pose_track_indices
+from .dub_motion import pose_track_indices
 from .speakers import load_speaker, lookup
 from .storage import ArtifactStore, content_key, sha256_file
 from .storage.uploads import fetch_media, resolve_media
-from .talking_head import FrameConditions, eye_openness
+from .runtime import configure
+from .talking_head import CanonicalCodes, TalkingHead
 
 Progress = Callable[[int, Optional[int]], None]
 SILENCE_DBFS = -60.0
@@ -89,26 +91,30 @@ def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: P
         raise InputError(f"the pose track has {len(track)} frames, the audio needs {n_frames}",
                          "give a pose track at least as long as the audio")
     model, size = bundle.model, bundle.manifest.resolution
-    plate = torch.from_numpy(bundle.plate.astype(np.float32) / 255.0)
-    K = torch.from_numpy(bundle.K)
+    source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate,
+                               next(model.parameters()).device, features)
     render_start = time.perf_counter()
+    codes = model.canonical_codes()
     with media.VideoWriter(out, size, size, fps, audio=audio_path) as writer:
         for first in range(0, n_frames, cfg.chunk_frames):
             frames = np.arange(first, min(first + cfg.chunk_frames, n_frames))
-            source = track[frames]
-            cond = FrameConditions(audio=model.audio_encoder.windows(features, frames),
-                                   eye=torch.from_numpy(eye_openness(bundle.blink[source]).astype(np.float32)),
-                                   viewmats=torch.from_numpy(bundle.viewmats[source]),
-                                   track_frames=torch.from_numpy(source))
-            heads, torsos = model.frames(cond)
-            rgb = render_avatar(heads, torsos, cond.viewmats, K, plate).rgb.clamp(0, 1)
-            for image in (rgb * 255).round().byte().numpy():
+            for image in (render_chunk(model, source, frames, track[frames], codes) * 255).round().byte().cpu().numpy():
                 writer.write(image)
             if progress:
                 progress(int(frames[-1]) + 1, n_frames)
     return DubManifest(audio_name=Path(audio_path).name, audio_duration_s=signal.duration_s, n_frames=n_frames,
                        fps=fps, resolution=size, render_s=time.perf_counter() - render_start,
                        wall_s=time.perf_counter() - start)
+
+
+def render_chunk(model: TalkingHead, source: FrameSource, frames: np.ndarray, poses: np.ndarray,
+                 codes: CanonicalCodes | None = None) -> torch.Tensor:
+    """(B, H, W, 3) frames in [0, 1], one rasteriser call per layer: the audio of dub frames
+    ``frames`` at the training poses (and torso latents) ``poses``; ``codes``: the model's
+    ``canonical_codes()``, computed once per dub."""
+    head, torso = model.frames(source.conditions(model, frames, poses=poses, track=poses), codes=codes)
+    return render_avatar(head, torso, source.viewmats[to_device(poses, source.device)], source.K,
+                         source.plate).rgb.clamp(0, 1)
 
 
 class DubResult(BaseModel):
@@ -131,6 +137,7 @@ def run(store: ArtifactStore, speaker: str, audio_source: str, cfg: PipelineConf
     if store.exists(key):
         return DubResult(key=key, cache_hit=True, manifest=None)
     bundle = load_speaker(store, speaker, cfg.cache_dir)
+    bundle.model.to(configure(cfg.runtime))
     work = cfg.cache_dir / "tmp"
     work.mkdir(parents=True, exist_ok=True)
     local = work / Path(key).name

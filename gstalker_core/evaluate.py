@@ -27,12 +27,14 @@ from pydantic import BaseModel
 from . import audio, ingest, lipsync, static_fit, tracking
 from .avatar import GaussianState, render_avatar
 from .bundle import fetch_bundle
+from .conditions import FrameSource, to_device
 from .config import PipelineConfig, TrackConfig
 from .media import VideoWriter
 from .render.gaussians import GaussianModel
 from .metrics import ssim
-from .talking_head import NO_FRAME, FrameConditions, TalkingHead
-from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, run_stage
+from .runtime import configure
+from .talking_head import CanonicalCodes, TalkingHead
+from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
 from .tracking import SpeakerDataset
 from .tracking.landmarks import FACE_OVAL, MediapipeFaceMesh
 
@@ -101,16 +103,38 @@ def face_box(landmarks: np.ndarray, size: int) -> tuple[slice, slice]:
     return slice(max(y0, 0), min(y1, size)), slice(max(x0, 0), min(x1, size))
 
 
+def render_methods(model: TalkingHead, static: tuple[GaussianState, GaussianState], source: FrameSource,
+                   frames: np.ndarray, nearest: np.ndarray, codes: CanonicalCodes | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """(B, H, W, 3) composites in [0, 1] of held-out ``frames`` by each method, one rasteriser
+    call per layer and method; ``nearest``: the training frame whose audio the ``nearest``
+    baseline borrows for each; ``codes``: the model's ``canonical_codes()``."""
+    rendered = {}
+    for name in METHODS:
+        if name == "static":
+            head, torso = static
+        else:
+            cond = source.conditions(model, nearest if name == "nearest" else frames, poses=frames)
+            head, torso = model.frames(cond, codes=codes)
+        rendered[name] = render_avatar(head, torso, source.viewmats[to_device(frames, source.device)], source.K,
+                                       source.plate).rgb.clamp(0, 1)
+    return rendered
+
+
 @torch.no_grad()
 def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], test: SpeakerDataset,
              train_frames: np.ndarray, features: np.ndarray, samples_16k: np.ndarray, plate: np.ndarray,
-             track_cfg: TrackConfig, video: Path | None = None, audio: Path | None = None) -> EvalReport:
-    """Render the held-out frames with each method, score them, optionally write a side-by-side video."""
+             track_cfg: TrackConfig, video: Path | None = None, audio: Path | None = None, batch_frames: int = 8
+             ) -> EvalReport:
+    """Render the held-out frames with each method, ``batch_frames`` at a time on the model's
+    device, score them, optionally write a side-by-side video."""
     frames = test.indices
     size = plate.shape[0]
-    plate_t = torch.from_numpy(plate.astype(np.float32) / 255.0)
-    K = torch.from_numpy(test.arrays.K)
+    a = test.arrays
+    source = FrameSource.build(a.viewmats, a.blink, a.K, plate, next(model.parameters()).device, features)
+    static_states = (GaussianState.of(static[0].to(source.device)), GaussianState.of(static[1].to(source.device)))
     nearest = nearest_training_frames(features, frames, train_frames)
+    codes = model.canonical_codes()
     detectors = {name: MediapipeFaceMesh(track_cfg) for name in (*METHODS, "truth")}
     landmarks = {name: [] for name in detectors}
     sums = {name: {"se": 0.0, "ssim": 0.0, "face_se": 0.0, "face_ssim": 0.0} for name in METHODS}
@@ -118,43 +142,35 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     region_pixels = dict.fromkeys(REGIONS, 0)
     writer = VideoWriter(video, 4 * size, size, 25, audio=audio) if video else None
     try:
-        for t, nn_t in zip(frames, nearest):
-            sample = test.sample(int(t))
-            truth = sample.rgb.numpy()
-            a = test.arrays
-            base = dict(eye=torch.tensor([1.0 - float(a.blink[t])]), viewmats=torch.from_numpy(a.viewmats[[t]]),
-                        track_frames=torch.tensor([NO_FRAME]))
-            rendered = {}
-            for name in METHODS:
-                window_frame = int(nn_t) if name == "nearest" else int(t)
-                cond = FrameConditions(audio=model.audio_encoder.windows(features, [window_frame]), **base)
-                if name == "static":
-                    heads, torsos = [GaussianState.of(static[0])], [GaussianState.of(static[1])]
-                else:
-                    heads, torsos = model.frames(cond)
-                rgb = render_avatar(heads, torsos, cond.viewmats, K, plate_t).rgb[0].clamp(0, 1)
-                rendered[name] = (rgb * 255).round().byte().numpy()
-            truth_lm = detectors["truth"].detect(truth)
-            landmarks["truth"].append(truth_lm)
-            box = face_box(truth_lm if truth_lm is not None else a.landmarks[t], size)
-            truth_f = torch.from_numpy(truth.astype(np.float32) / 255.0)
-            masks = {r: np.isin(sample.labels.numpy(), labels) for r, labels in REGIONS.items()}
-            for r, mask in masks.items():
-                region_pixels[r] += int(mask.sum())
-            for name, img in rendered.items():
-                img_f = torch.from_numpy(img.astype(np.float32) / 255.0)
-                pixel_se = ((img_f - truth_f) ** 2).mean(dim=-1).numpy()
+        for first in range(0, len(frames), batch_frames):
+            batch = slice(first, first + batch_frames)
+            batch_rgb = render_methods(model, static_states, source, frames[batch], nearest[batch], codes)
+            images = {name: (rgb * 255).round().byte().cpu().numpy() for name, rgb in batch_rgb.items()}
+            for k, t in enumerate(frames[batch]):
+                sample = test.sample(int(t))
+                truth = sample.rgb.numpy()
+                rendered = {name: image[k] for name, image in images.items()}
+                truth_lm = detectors["truth"].detect(truth)
+                landmarks["truth"].append(truth_lm)
+                box = face_box(truth_lm if truth_lm is not None else a.landmarks[t], size)
+                truth_f = torch.from_numpy(truth.astype(np.float32) / 255.0)
+                masks = {r: np.isin(sample.labels.numpy(), labels) for r, labels in REGIONS.items()}
                 for r, mask in masks.items():
-                    region_se[name][r] += float(pixel_se[mask].sum())
-                s = sums[name]
-                s["se"] += float(pixel_se.mean())
-                s["ssim"] += ssim(img_f[None], truth_f[None]).item()
-                s["face_se"] += float(pixel_se[box].mean())
-                s["face_ssim"] += ssim(img_f[box][None], truth_f[box][None]).item() if min(
-                    img_f[box].shape[:2]) > 11 else 0.0
-                landmarks[name].append(detectors[name].detect(img))
-            if writer:
-                writer.write(np.concatenate([rendered["gstalker"], rendered["static"], rendered["nearest"], truth], 1))
+                    region_pixels[r] += int(mask.sum())
+                for name, img in rendered.items():
+                    img_f = torch.from_numpy(img.astype(np.float32) / 255.0)
+                    pixel_se = ((img_f - truth_f) ** 2).mean(dim=-1).numpy()
+                    for r, mask in masks.items():
+                        region_se[name][r] += float(pixel_se[mask].sum())
+                    s = sums[name]
+                    s["se"] += float(pixel_se.mean())
+                    s["ssim"] += ssim(img_f[None], truth_f[None]).item()
+                    s["face_se"] += float(pixel_se[box].mean())
+                    s["face_ssim"] += ssim(img_f[box][None], truth_f[box][None]).item() if min(
+                        img_f[box].shape[:2]) > 11 else 0.0
+                    landmarks[name].append(detectors[name].detect(img))
+                if writer:
+                    writer.write(np.concatenate([rendered["gstalker"], rendered["static"], rendered["nearest"], truth], 1))
     finally:
         for d in detectors.values():
             d.close()
@@ -202,8 +218,12 @@ def _psnr(squared_error: float, count: int) -> float:
     return float(-10 * np.log10(max(squared_error / count, 1e-10))) if count else 0.0
 
 
+def work(bundle_run: StageManifest, ingest_run: StageManifest, cfg: PipelineConfig) -> StageWork:
+    return StageWork(STAGE, CODE_VERSION, cfg.track, {"bundle": bundle_run.key, "ingest": ingest_run.key})
+
+
 def stage_key(bundle_run: StageManifest, ingest_run: StageManifest, cfg: PipelineConfig) -> str:
-    return content_key(STAGE, CODE_VERSION, cfg.track, {"bundle": bundle_run.key, "ingest": ingest_run.key})
+    return work(bundle_run, ingest_run, cfg).key
 
 
 def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifest, audio_run: StageManifest,
@@ -224,16 +244,16 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
         try:
             static = tuple(GaussianModel.load(fetch_part(store, static_run, name, cfg.cache_dir))
                            for name in (static_fit.HEAD, static_fit.TORSO))
-            report = evaluate(bundle.model, static, test, train_frames, features, samples,
-                              bundle.plate, cfg.track, video=workdir / VIDEO, audio=segment)
+            report = evaluate(bundle.model.to(configure(cfg.runtime)), static, test, train_frames, features, samples,
+                              bundle.plate, cfg.track, video=workdir / VIDEO, audio=segment,
+                              batch_frames=cfg.runtime.batch_frames)
         finally:
             segment.unlink(missing_ok=True)
         (workdir / REPORT_JSON).write_text(report.model_dump_json(indent=2))
         (workdir / REPORT_MD).write_text(report.markdown() + "\n")
         return report.model_dump(mode="json")
 
-    return run_stage(store, stage=STAGE, code_version=CODE_VERSION, config=cfg.track,
-                     inputs={"bundle": bundle_run.key, "ingest": ingest_run.key}, build=build, cache_dir=cfg.cache_dir)
+    return run_stage(store, work(bundle_run, ingest_run, cfg), build, cfg.cache_dir)
 
 
 def _cut_wav(source: Path, dest: Path, start_s: float, duration_s: float) -> Path:

@@ -28,7 +28,7 @@ from .errors import InputError
 from .frames import ChunkReader, ChunkWriter, VideoCodec
 from .mediapipe_models import solutions
 from .storage.uploads import fetch_media
-from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, fetch_stage, run_stage, sha256_file
+from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, fetch_stage, run_stage, sha256_file
 
 STAGE = "ingest"
 CODE_VERSION = "1"
@@ -68,9 +68,14 @@ class IngestManifest(BaseModel):
 
 # -- source ------------------------------------------------------------------------------
 
+def work(source_sha256: str, cfg: PipelineConfig) -> StageWork:
+    """The ingest of a source with these bytes' hash: the ingest config and code version."""
+    return StageWork(STAGE, CODE_VERSION, cfg.ingest, {"source": source_sha256})
+
+
 def stage_key(source: str, cfg: PipelineConfig) -> str:
-    """Content key of the ingest of ``source``: its bytes' hash + the ingest config + code version."""
-    return content_key(STAGE, CODE_VERSION, cfg.ingest, {"source": sha256_file(_checked_file(fetch_media(source, cfg)))})
+    """Content key of the ingest of ``source`` (local path or s3:// URL)."""
+    return work(sha256_file(_checked_file(fetch_media(source, cfg))), cfg).key
 
 
 def _checked_file(path: Path) -> Path:
@@ -215,9 +220,9 @@ def run(store: ArtifactStore, source: str, cfg: PipelineConfig, progress: Progre
     path = _checked_file(fetch_media(source, cfg))
     media.probe(path)  # fail on an empty or non-media file before hashing it
     digest = sha256_file(path)
-    return run_stage(store, stage=STAGE, code_version=CODE_VERSION, config=cfg.ingest, inputs={"source": digest},
-                     build=lambda workdir: build_ingest(path, cfg.ingest, workdir, digest, progress).model_dump(mode="json"),
-                     cache_dir=cfg.cache_dir)
+    return run_stage(store, work(digest, cfg),
+                     lambda workdir: build_ingest(path, cfg.ingest, workdir, digest, progress).model_dump(mode="json"),
+                     cfg.cache_dir)
 
 
 def manifest_of(ingest_run: StageManifest) -> IngestManifest:

@@ -5,6 +5,8 @@ Images are float tensors in [0, 1] shaped (..., H, W, C), the rasteriser's layou
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,5 +48,9 @@ def photometric_loss(rendered: torch.Tensor, target: torch.Tensor, ssim_weight: 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of images in [0, 1] (over the whole batch)."""
-    mse = F.mse_loss(a.float(), b.float()).item()
-    return float("inf") if mse == 0 else -10.0 * torch.log10(torch.tensor(mse)).item()
+    return psnr_of_mse(F.mse_loss(a.float(), b.float()).item())
+
+
+def psnr_of_mse(mse: float) -> float:
+    """PSNR in dB of a mean squared error of images in [0, 1]."""
+    return float("inf") if mse == 0 else -10.0 * math.log10(mse)

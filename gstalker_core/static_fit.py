@@ -23,12 +23,14 @@ from pydantic import BaseModel
 
 from . import tracking
 from .avatar import GaussianState, Layers, render_avatar
+from .conditions import FrameSource
 from .config import PipelineConfig, StaticFitConfig
 from .metrics import photometric_loss, psnr
 from .render.gaussians import GaussianModel
-from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, run_stage
+from .runtime import configure
+from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
 from .storage.checkpoints import Checkpoints
-from .tracking import SpeakerDataset, compose_targets
+from .tracking import SpeakerDataset
 
 STAGE = "static"
 CODE_VERSION = "1"
@@ -87,13 +89,6 @@ def torso_points(dataset: SpeakerDataset, K: np.ndarray, depth: float, n: int, s
 
 # -- one training step ---------------------------------------------------------------------
 
-def frame_targets(sample, plate: np.ndarray) -> dict[str, torch.Tensor]:
-    head_rgb, head_alpha, torso_rgb, torso_alpha = compose_targets(sample.rgb.numpy(), sample.labels.numpy(), plate)
-    to = lambda a: torch.from_numpy(a)[None]  # noqa: E731
-    return {"rgb": to(sample.rgb.numpy().astype(np.float32) / 255.0), "head_rgb": to(head_rgb),
-            "head_alpha": to(head_alpha)[..., None], "torso_rgb": to(torso_rgb), "torso_alpha": to(torso_alpha)[..., None]}
-
-
 def layer_losses(layers: Layers, target: dict[str, torch.Tensor], plate: torch.Tensor, ssim_weight: float
                  ) -> dict[str, torch.Tensor]:
     """Composite, head-layer and torso-layer losses (each layer over the plate vs its target)."""
@@ -108,39 +103,46 @@ def layer_losses(layers: Layers, target: dict[str, torch.Tensor], plate: torch.T
     }
 
 
+def step_loss(head: GaussianModel, torso: GaussianModel, source: FrameSource, sample, cfg: StaticFitConfig
+              ) -> tuple[Layers, dict[str, torch.Tensor], torch.Tensor]:
+    """Render one training sample; its layers, targets and loss, on ``source``'s device."""
+    target = source.targets([sample])
+    layers = render_avatar(GaussianState.of(head), GaussianState.of(torso), source.viewmats[[sample.index]], source.K,
+                           source.plate, backend=cfg.backend)
+    losses = layer_losses(layers, target, source.plate, cfg.ssim_weight)
+    return layers, target, losses["composite"] + cfg.layer_loss_weight * (losses["head"] + losses["torso"])
+
+
 # -- the fit -------------------------------------------------------------------------------
 
 def fit_static(train: SpeakerDataset, test: SpeakerDataset, plate: np.ndarray, template: np.ndarray,
-               cfg: StaticFitConfig, checkpoints: Checkpoints | None = None, progress: Progress | None = None
+               cfg: StaticFitConfig, checkpoints: Checkpoints | None = None, progress: Progress | None = None,
+               device: torch.device = torch.device("cpu")
                ) -> tuple[GaussianModel, GaussianModel, StaticFitManifest, np.ndarray]:
-    """Fit head and torso Gaussians; returns them, the manifest and a held-out comparison image."""
+    """Fit head and torso Gaussians on ``device``; returns them, the manifest and a held-out
+    comparison image."""
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    K = train.arrays.K
-    plate_t = torch.from_numpy(plate.astype(np.float32) / 255.0)
+    a = train.arrays
+    source = FrameSource.build(a.viewmats, a.blink, a.K, plate, device)
     head_lo, head_hi = head_volume(template)
     head = GaussianModel.init_random(cfg.gaussians, cfg.n_head, head_lo, head_hi, seed=cfg.seed)
-    depth = float(np.median(train.arrays.viewmats[:, 2, 3]))
-    xyz, rgb = torso_points(train, K, depth, cfg.n_torso, cfg.seed)
+    depth = float(np.median(a.viewmats[:, 2, 3]))
+    xyz, rgb = torso_points(train, a.K, depth, cfg.n_torso, cfg.seed)
     torso = GaussianModel.init_points(cfg.gaussians, xyz, rgb, seed=cfg.seed)
-    head_opt, torso_opt = head.make_optimizer(), torso.make_optimizer()
     step0 = 0
     saved = checkpoints.load() if checkpoints else None
     if saved is not None:
         head, torso = GaussianModel.from_state(saved["head"]), GaussianModel.from_state(saved["torso"])
-        head_opt, torso_opt = head.make_optimizer(), torso.make_optimizer()
+        step0 = saved["step"]
+    head, torso = head.to(device), torso.to(device)
+    head_opt, torso_opt = head.make_optimizer(), torso.make_optimizer()
+    if saved is not None:
         head_opt.load_state_dict(saved["head_opt"])
         torso_opt.load_state_dict(saved["torso_opt"])
-        step0 = saved["step"]
-    K_t = torch.from_numpy(K)
     recent: list[float] = []
     for step in range(step0, cfg.iterations):
-        sample = train.sample(train.index_at(step))
-        target = frame_targets(sample, plate)
-        layers = render_avatar(GaussianState.of(head), GaussianState.of(torso), sample.viewmat[None], K_t, plate_t,
-                               backend=cfg.backend)
-        losses = layer_losses(layers, target, plate_t, cfg.ssim_weight)
-        loss = losses["composite"] + cfg.layer_loss_weight * (losses["head"] + losses["torso"])
+        layers, target, loss = step_loss(head, torso, source, train.sample(train.index_at(step)), cfg)
         head_opt.zero_grad(set_to_none=True)
         torso_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,7 +157,7 @@ def fit_static(train: SpeakerDataset, test: SpeakerDataset, plate: np.ndarray, t
         if checkpoints and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.iterations:
             checkpoints.save({"step": step + 1, "head": head.state(), "torso": torso.state(),
                               "head_opt": head_opt.state_dict(), "torso_opt": torso_opt.state_dict()})
-    heldout_psnr, strip, n_eval = evaluate_static(head, torso, test, plate_t, K_t, cfg)
+    heldout_psnr, strip, n_eval = evaluate_static(head, torso, test, source, cfg)
     manifest = StaticFitManifest(iterations=cfg.iterations, n_head=len(head), n_torso=len(torso),
                                  resolution=plate.shape[0], heldout_psnr=heldout_psnr, heldout_frames=n_eval,
                                  train_psnr=float(np.mean(recent)) if recent else 0.0,
@@ -164,27 +166,33 @@ def fit_static(train: SpeakerDataset, test: SpeakerDataset, plate: np.ndarray, t
 
 
 @torch.no_grad()
-def evaluate_static(head: GaussianModel, torso: GaussianModel, test: SpeakerDataset, plate: torch.Tensor,
-                    K: torch.Tensor, cfg: StaticFitConfig) -> tuple[float, np.ndarray, int]:
-    """PSNR of the composite over (up to ``eval_frames``) held-out frames, and a rendered|truth strip."""
+def evaluate_static(head: GaussianModel, torso: GaussianModel, test: SpeakerDataset, source: FrameSource,
+                    cfg: StaticFitConfig) -> tuple[float, np.ndarray, int]:
+    """PSNR of the composite over (up to ``eval_frames``) held-out frames, and a rendered|truth
+    strip. ``source``: the clip's poses (all frames) on the fit's device."""
     picks = np.unique(np.linspace(0, len(test) - 1, min(cfg.eval_frames, len(test))).astype(int))
     errors, strip = [], None
     for k in picks:
         sample = test[int(k)]
-        layers = render_avatar(GaussianState.of(head), GaussianState.of(torso), sample.viewmat[None], K, plate,
-                               backend=cfg.backend)
-        truth = sample.rgb.float()[None] / 255.0
-        errors.append(torch.mean((layers.rgb.clamp(0, 1) - truth) ** 2).item())
+        layers = render_avatar(GaussianState.of(head), GaussianState.of(torso), source.viewmats[[sample.index]],
+                               source.K, source.plate, backend=cfg.backend)
+        rendered = layers.rgb[0].clamp(0, 1).cpu().numpy()
+        truth = sample.rgb.numpy().astype(np.float32) / 255.0
+        errors.append(float(np.mean((rendered - truth) ** 2)))
         if strip is None:
-            strip = np.concatenate([layers.rgb[0].clamp(0, 1).numpy(), truth[0].numpy()], axis=1)
+            strip = np.concatenate([rendered, truth], axis=1)
     mean_psnr = float(-10 * np.log10(np.mean(errors)))
     return mean_psnr, (strip * 255).round().astype(np.uint8), len(picks)
 
 
 # -- the stage -----------------------------------------------------------------------------
 
+def work(track_run: StageManifest, ingest_run: StageManifest, cfg: PipelineConfig) -> StageWork:
+    return StageWork(STAGE, CODE_VERSION, cfg.static, {"track": track_run.key, "ingest": ingest_run.key})
+
+
 def stage_key(track_run: StageManifest, ingest_run: StageManifest, cfg: PipelineConfig) -> str:
-    return content_key(STAGE, CODE_VERSION, cfg.static, {"track": track_run.key, "ingest": ingest_run.key})
+    return work(track_run, ingest_run, cfg).key
 
 
 def read_plate(store: ArtifactStore, track_run: StageManifest, cache_dir: Path) -> np.ndarray:
@@ -199,21 +207,21 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
     """The ``static`` stage: fitted head and torso Gaussians, resumable from checkpoints."""
     import cv2
 
-    key = stage_key(track_run, ingest_run, cfg)
-    checkpoints = Checkpoints(store, STAGE, key)
+    stage_work = work(track_run, ingest_run, cfg)
+    checkpoints = Checkpoints(store, STAGE, stage_work.key)
 
     def build(workdir: Path) -> dict:
         train = tracking.open_dataset(store, track_run, ingest_run, cfg.cache_dir, split="train", seed=cfg.static.seed)
         test = tracking.open_dataset(store, track_run, ingest_run, cfg.cache_dir, split="test", shuffle=False)
         plate = read_plate(store, track_run, cfg.cache_dir)
         template = train.arrays.template
-        head, torso, manifest, strip = fit_static(train, test, plate, template, cfg.static, checkpoints, progress)
+        head, torso, manifest, strip = fit_static(train, test, plate, template, cfg.static, checkpoints, progress,
+                                                  configure(cfg.runtime))
         head.save(workdir / HEAD)
         torso.save(workdir / TORSO)
         cv2.imwrite(str(workdir / HELDOUT), cv2.cvtColor(strip, cv2.COLOR_RGB2BGR))
         return manifest.model_dump(mode="json")
 
-    result = run_stage(store, stage=STAGE, code_version=CODE_VERSION, config=cfg.static,
-                       inputs={"track": track_run.key, "ingest": ingest_run.key}, build=build, cache_dir=cfg.cache_dir)
+    result = run_stage(store, stage_work, build, cfg.cache_dir)
     checkpoints.clear()
     return result

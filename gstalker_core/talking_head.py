@@ -1,8 +1,11 @@
 """The trained model: static Gaussians + audio encoder + face and torso deformation fields.
 
 ``TalkingHead.frames(conditions)`` turns per-frame conditions (audio features window,
-eye openness, head pose, pose-track frame) into per-frame deformed Gaussian states that
-``avatar.render_avatar`` composites. Training, evaluation and dubbing all go through it.
+eye openness, head pose, pose-track frame) into batched deformed Gaussian states that
+``avatar.render_avatar`` composites in one rasteriser call per layer. Training, evaluation
+and dubbing all go through it, with conditions built by ``conditions.FrameSource`` on the
+model's device. ``frames`` never reads a tensor's value on the host: no device sync, and it
+runs on the ``meta`` device (the tests' device-mixing check).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class FrameConditions:
     audio: torch.Tensor  # (B, frame_window, step_window, n_features) audio feature windows
     eye: torch.Tensor  # (B,) eye openness, 1 = open
     viewmats: torch.Tensor  # (B, 4, 4) head-to-camera
-    track_frames: torch.Tensor  # (B,) training-frame index whose torso latent to use, or NO_FRAME
+    track_frames: torch.Tensor  # (B,) long: training-frame index whose torso latent to use, or NO_FRAME
 
 
 # ``track_frames`` value of a pose that no training frame stands for (the held-out frames):
@@ -36,6 +39,17 @@ class FrameConditions:
 # training pose 0.028, against 0.016 between training frames a second apart) and there its
 # extrapolation cost 0.05-0.19 dB of held-out PSNR in each of three configurations tried.
 NO_FRAME = -1
+
+
+@dataclass
+class CanonicalCodes:
+    """The encodings of the static Gaussians' centres: the same for every frame, so a caller
+    that renders many frames of fixed Gaussians (dubbing, evaluation) computes them once
+    (EGSTalker's inference caches them alike); training recomputes them, since its
+    gradients reach the tri-plane."""
+
+    face: torch.Tensor  # (N_head, E) tri-plane features of the head centres
+    torso: torch.Tensor  # (N_torso, E') frequency encoding of the torso centres
 
 
 def bounding_box(points: torch.Tensor, margin: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,29 +73,25 @@ class TalkingHead(nn.Module):
     def pose(self, viewmats: torch.Tensor) -> torch.Tensor:
         return pose_condition(viewmats[:, :3, :3], viewmats[:, :3, 3], self.ref_rotation, self.ref_translation)
 
-    def frames(self, cond: FrameConditions, deform: bool = True) -> tuple[list[GaussianState], list[GaussianState]]:
-        """Deformed head and torso states of each frame (the static fit when ``deform`` is False;
-        the static torso where ``track_frames`` is ``NO_FRAME``)."""
+    def canonical_codes(self) -> CanonicalCodes:
+        return CanonicalCodes(self.face_field.encode(self.head.means), self.torso_field.encode(self.torso.means))
+
+    def frames(self, cond: FrameConditions, deform: bool = True, codes: CanonicalCodes | None = None
+               ) -> tuple[GaussianState, GaussianState]:
+        """Head and torso states of the B frames: batched deformed states, or the shared
+        static fit when ``deform`` is False. A ``NO_FRAME`` frame gets the static torso (its
+        torso deltas are zeroed, which leaves the static attributes exactly). ``codes``: the
+        ``canonical_codes()`` of these Gaussians, when the caller keeps them."""
         head, torso = GaussianState.of(self.head), GaussianState.of(self.torso)
-        n = len(cond.viewmats)
         if not deform:
-            return [head] * n, [torso] * n
-        face = self.face_field(self.face_field.encode(head.means), self.audio_encoder(cond.audio), cond.eye)
-        torsos = [torso] * n
-        track = torch.as_tensor(cond.track_frames)
-        known = track != NO_FRAME
-        if known.any():
-            body = self.torso_field(self.torso_field.encode(torso.means), self.pose(cond.viewmats[known]),
-                                    self.torso_field.latent_for_track(track[known]))
-            for i, state in zip(known.nonzero().flatten().tolist(), _apply(torso, body)):
-                torsos[i] = state
-        return _apply(head, face), torsos
-
-
-def _apply(state: GaussianState, deltas) -> list[GaussianState]:
-    means, quats, log_scales = deltas.apply(state.means, state.quats, state.log_scales)
-    return [GaussianState(means[i], quats[i], log_scales[i], state.opacities, state.colors, state.sh_degree)
-            for i in range(len(means))]
+            return head, torso
+        codes = codes or self.canonical_codes()
+        face = self.face_field(codes.face, self.audio_encoder(cond.audio), cond.eye)
+        known = cond.track_frames != NO_FRAME
+        body = self.torso_field(codes.torso, self.pose(cond.viewmats),
+                                self.torso_field.latent_for_track(cond.track_frames.clamp_min(0)))
+        return head.deformed(*face.apply(head.means, head.quats, head.log_scales)), \
+            torso.deformed(*body.where(known).apply(torso.means, torso.quats, torso.log_scales))
 
 
 def eye_openness(blink: np.ndarray) -> np.ndarray:

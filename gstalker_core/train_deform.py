@@ -28,16 +28,18 @@ from pydantic import BaseModel
 from . import __version__, audio, tracking
 from .avatar import render_avatar
 from .bundle import FORMAT_VERSION, Bundle, BundleManifest, save_bundle
+from .conditions import FrameSource, to_device
 from .config import PipelineConfig, TrainConfig
 from .deform.landmark_motion import canonical_offsets, guide_loss
 from .errors import InputError
 from .lipsync import MOUTH_POINTS
-from .metrics import psnr
+from .metrics import psnr_of_mse
 from .render.gaussians import GaussianModel
-from .static_fit import HEAD, TORSO, frame_targets, layer_losses, read_plate
-from .storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_part, run_stage
+from .runtime import configure
+from .static_fit import HEAD, TORSO, layer_losses, read_plate
+from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
 from .storage.checkpoints import Checkpoints
-from .talking_head import FrameConditions, TalkingHead, eye_openness
+from .talking_head import TalkingHead
 from .tracking import SpeakerDataset
 
 STAGE = "deform"
@@ -65,18 +67,6 @@ def mouth_weights(landmarks: np.ndarray, size: int, margin: float = 0.3) -> np.n
     mask = np.zeros((size, size), np.float32)
     mask[max(y0, 0):max(y1, 0), max(x0, 0):max(x1, 0)] = 1.0
     return mask
-
-
-def conditions_for(model: TalkingHead, dataset: SpeakerDataset, features: np.ndarray,
-                   frames: list[int]) -> FrameConditions:
-    """Conditions of training frames ``frames`` from the clip's own audio, blink, poses and the
-    frames' own torso latents."""
-    a = dataset.arrays
-    return FrameConditions(
-        audio=model.audio_encoder.windows(features, frames),
-        eye=torch.from_numpy(eye_openness(a.blink[frames]).astype(np.float32)),
-        viewmats=torch.from_numpy(a.viewmats[frames]),
-        track_frames=torch.as_tensor(frames))
 
 
 def make_optimizer(model: TalkingHead, cfg: TrainConfig) -> torch.optim.Adam:
@@ -114,30 +104,31 @@ class LandmarkGuide:
     Frames whose landmarks are guesses (interpolated gaps, covered mouth) are never drawn.
     """
 
-    def __init__(self, model: TalkingHead, train: SpeakerDataset, features: np.ndarray, cfg: TrainConfig):
+    def __init__(self, model: TalkingHead, train: SpeakerDataset, source: FrameSource, cfg: TrainConfig):
         a = train.arrays
-        self.model, self.train, self.features, self.cfg = model, train, features, cfg
+        self.model, self.source, self.cfg = model, source, cfg
         self.frames = train.drawn[a.valid[train.drawn]]
         if len(self.frames) == 0:
             raise InputError("no training frame has reliable landmarks (every one is a gap or a covered mouth)",
                              "check the tracking stage's QA video and warnings; train on a clip with a visible face")
-        self.offsets = torch.from_numpy(canonical_offsets(a.landmarks, a.viewmats, a.K, a.template))
-        self.scale = float(self.offsets[self.frames].square().mean().clamp_min(1e-12))
-        self.points = torch.from_numpy(a.template)
+        offsets = canonical_offsets(a.landmarks, a.viewmats, a.K, a.template)
+        self.scale = float(np.square(offsets[self.frames]).mean().clip(min=1e-12))
+        self.offsets = to_device(offsets, source.device)
+        self.points = to_device(a.template, source.device)
 
     def loss(self, step: int) -> torch.Tensor:
         rng = np.random.default_rng([self.cfg.seed, step])
         frames = rng.choice(self.frames, size=self.cfg.guide_batch)
-        eye = torch.from_numpy(eye_openness(self.train.arrays.blink[frames]).astype(np.float32))
+        cond = self.source.conditions(self.model, frames)
         field = self.model.face_field
-        deltas = field(field.encode(self.points), self.model.audio_encoder(self.model.audio_encoder.windows(
-            self.features, frames)), eye)
-        return guide_loss(deltas.d_means, self.offsets[frames], self.scale)
+        deltas = field(field.encode(self.points), self.model.audio_encoder(cond.audio), cond.eye)
+        return guide_loss(deltas.d_means, self.offsets[to_device(frames, self.source.device)], self.scale)
 
 
-def train_deformation(model: TalkingHead, train: SpeakerDataset, plate: np.ndarray, features: np.ndarray,
-                      cfg: TrainConfig, checkpoints: Checkpoints | None = None, progress: Progress | None = None
+def train_deformation(model: TalkingHead, train: SpeakerDataset, source: FrameSource, cfg: TrainConfig,
+                      checkpoints: Checkpoints | None = None, progress: Progress | None = None
                       ) -> DeformTrainManifest:
+    """Train ``model`` (on ``source``'s device) on the clip's training frames."""
     start_time = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model.torso.requires_grad_(False)  # not in the optimizer (make_optimizer says why): no gradients to compute
@@ -148,8 +139,8 @@ def train_deformation(model: TalkingHead, train: SpeakerDataset, plate: np.ndarr
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         step0 = saved["step"]
-    guide = LandmarkGuide(model, train, features, cfg)
-    photometric = PhotometricLoss(model, train, features, plate, cfg)
+    guide = LandmarkGuide(model, train, source, cfg)
+    photometric = PhotometricLoss(model, train, source, cfg)
     total = cfg.guide_iterations + cfg.iterations
     recent: list[float] = []
     recent_guide: list[float] = []
@@ -160,8 +151,9 @@ def train_deformation(model: TalkingHead, train: SpeakerDataset, plate: np.ndarr
         render_step = step - cfg.guide_iterations
         set_learning_rates(optimizer, cfg, step)
         if render_step >= 0:
-            render_loss, render_psnr = photometric.loss(render_step)
+            render_loss, render_mse = photometric.loss(render_step)
             loss = cfg.guide_weight * loss + render_loss
+            render_psnr = psnr_of_mse(render_mse.item())
             recent = (recent + [render_psnr])[-100:]
             info["psnr"] = render_psnr
         optimizer.zero_grad(set_to_none=True)
@@ -180,31 +172,28 @@ def train_deformation(model: TalkingHead, train: SpeakerDataset, plate: np.ndarr
 class PhotometricLoss:
     """L1 + D-SSIM of the composite and its layers for the frames of rendering step ``step``
     (chunk-grouped epoch order, a function of (seed, step)), the mouth box weighted from
-    ``lip_start``."""
+    ``lip_start``. The step's frames are rendered in one rasteriser call per layer."""
 
-    def __init__(self, model: TalkingHead, train: SpeakerDataset, features: np.ndarray, plate: np.ndarray,
-                 cfg: TrainConfig):
-        self.model, self.train, self.features, self.plate, self.cfg = model, train, features, plate, cfg
-        self.plate_t = torch.from_numpy(plate.astype(np.float32) / 255.0)
-        self.K = torch.from_numpy(train.arrays.K)
+    def __init__(self, model: TalkingHead, train: SpeakerDataset, source: FrameSource, cfg: TrainConfig):
+        self.model, self.train, self.source, self.cfg = model, train, source, cfg
 
-    def loss(self, step: int) -> tuple[torch.Tensor, float]:
-        """(loss, PSNR of the rendered composite)."""
-        cfg, train = self.cfg, self.train
+    def loss(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, mean squared error of the rendered composite), on the model's device."""
+        cfg, train, source = self.cfg, self.train, self.source
         frames = [train.index_at(step * cfg.frames_per_step + k) for k in range(cfg.frames_per_step)]
-        cond = conditions_for(self.model, train, self.features, frames)
-        heads, torsos = self.model.frames(cond)
-        layers = render_avatar(heads, torsos, cond.viewmats, self.K, self.plate_t)
-        targets = [frame_targets(train.sample(i), self.plate) for i in frames]
-        target = {k: torch.cat([t[k] for t in targets]) for k in targets[0]}
-        losses = layer_losses(layers, target, self.plate_t, cfg.ssim_weight)
+        cond = source.conditions(self.model, frames, track=frames)
+        head, torso = self.model.frames(cond)
+        layers = render_avatar(head, torso, cond.viewmats, source.K, source.plate)
+        target = source.targets([train.sample(i) for i in frames])
+        losses = layer_losses(layers, target, source.plate, cfg.ssim_weight)
         loss = losses["composite"] + cfg.layer_loss_weight * (losses["head"] + losses["torso"])
         if step >= cfg.lip_start and cfg.lip_weight > 0:
-            size = self.plate.shape[0]
-            mouth = torch.from_numpy(np.stack([mouth_weights(train.arrays.landmarks[i], size) for i in frames]))[..., None]
+            size = source.plate.shape[0]
+            mouth = to_device(np.stack([mouth_weights(train.arrays.landmarks[i], size) for i in frames]),
+                              source.device)[..., None]
             loss = loss + cfg.lip_weight * ((layers.rgb - target["rgb"]).abs() * mouth).sum() / mouth.sum().clamp_min(1)
         loss = loss + cfg.latent_smoothness_weight * self.model.torso_field.latent_smoothness()
-        return loss, psnr(layers.rgb.detach(), target["rgb"])
+        return loss, (layers.rgb.detach() - target["rgb"]).square().mean()
 
 
 # -- the stage: trains and publishes the model bundle --------------------------------------
@@ -213,17 +202,22 @@ def _inputs(track_run: StageManifest, audio_run: StageManifest, static_run: Stag
     return {"track": track_run.key, "audio": audio_run.key, "static": static_run.key}
 
 
+def work(track_run: StageManifest, audio_run: StageManifest, static_run: StageManifest,
+         cfg: PipelineConfig) -> StageWork:
+    return StageWork(STAGE, CODE_VERSION, {"deform": cfg.deform.resolved(), "train": cfg.train},
+                     _inputs(track_run, audio_run, static_run))
+
+
 def stage_key(track_run: StageManifest, audio_run: StageManifest, static_run: StageManifest,
               cfg: PipelineConfig) -> str:
-    return content_key(STAGE, CODE_VERSION, {"deform": cfg.deform, "train": cfg.train},
-                       _inputs(track_run, audio_run, static_run))
+    return work(track_run, audio_run, static_run, cfg).key
 
 
 def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifest, audio_run: StageManifest,
         static_run: StageManifest, cfg: PipelineConfig, progress: Progress | None = None) -> StageRun:
     """The ``deform`` stage: trains the deformation and publishes the model bundle as its parts."""
-    key = stage_key(track_run, audio_run, static_run, cfg)
-    checkpoints = Checkpoints(store, STAGE, key)
+    stage_work = work(track_run, audio_run, static_run, cfg)
+    checkpoints = Checkpoints(store, STAGE, stage_work.key)
 
     def build(workdir) -> dict:
         train = tracking.open_dataset(store, track_run, ingest_run, cfg.cache_dir, split="train", seed=cfg.train.seed)
@@ -233,18 +227,21 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
         head = GaussianModel.load(fetch_part(store, static_run, HEAD, cfg.cache_dir))
         torso = GaussianModel.load(fetch_part(store, static_run, TORSO, cfg.cache_dir))
         viewmats = train.arrays.viewmats[train.indices]
-        model = TalkingHead(cfg.deform, head, torso, spec.n_features, cfg.audio.step_window, torch.from_numpy(viewmats))
+        device = configure(cfg.runtime)
+        model = TalkingHead(cfg.deform.resolved(), head, torso, spec.n_features, cfg.audio.step_window,
+                            torch.from_numpy(viewmats))
         model.audio_encoder.set_feature_stats(features[: 2 * len(train.indices)])
-        report = train_deformation(model, train, plate, features, cfg.train, checkpoints, progress)
+        a = train.arrays
+        source = FrameSource.build(a.viewmats, a.blink, a.K, plate, device, features)
+        report = train_deformation(model.to(device), train, source, cfg.train, checkpoints, progress)
         manifest = BundleManifest(format_version=FORMAT_VERSION, gstalker_version=__version__,
                                   resolution=plate.shape[0], fps=25, audio_spec=spec,
-                                  step_window=cfg.audio.step_window, deform=cfg.deform,
+                                  step_window=cfg.audio.step_window, deform=cfg.deform.resolved(),
                                   n_train_frames=len(train.indices), sources=_inputs(track_run, audio_run, static_run))
         save_bundle(Bundle(manifest, model, viewmats, train.arrays.blink[train.indices], train.arrays.K, plate),
                     workdir)
         return {"bundle": manifest.model_dump(mode="json"), "training": report.model_dump(mode="json")}
 
-    result = run_stage(store, stage=STAGE, code_version=CODE_VERSION, config={"deform": cfg.deform, "train": cfg.train},
-                       inputs=_inputs(track_run, audio_run, static_run), build=build, cache_dir=cfg.cache_dir)
+    result = run_stage(store, stage_work, build, cfg.cache_dir)
     checkpoints.clear()
     return result

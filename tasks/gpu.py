@@ -1,4 +1,4 @@
-"""One slot per GPU of the machine a task runs on.
+"""One slot per GPU of the machine a task runs on, and the slot's own GPU.
 
 A tag concurrency limit (`gpu`) counts task runs across the whole server: with two one-GPU
 boxes and a limit of 1, one box would sit idle. So a GPU stage takes a slot of a Prefect
@@ -6,14 +6,22 @@ global concurrency limit named after its host, ``gpu-<hostname>``, sized to that
 and created by the first GPU task that runs there. ``GSTALKER_GPUS=0`` turns it off where
 the process owns its GPUs already (a Kubernetes pod given ``nvidia.com/gpu``): there each
 pod is its own host and would leave one limit per flow run on the server.
+
+The Prefect limit counts slots but names no GPU, so inside it a stage claims one GPU index of
+its host with an exclusive lock file (``$TMPDIR/gstalker-gpu-<index>.lock``): N stages on an
+N-GPU host run on N different GPUs, and the kernel drops a dead process's lock at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
@@ -47,15 +55,38 @@ def limit_name() -> str:
 
 
 @contextmanager
-def gpu_slot() -> Iterator[None]:
-    """Hold one of this host's GPU slots for the block; waits while all are taken."""
+def claim_gpu(gpus: int, poll_s: float = 0.5) -> Iterator[int]:
+    """The index of a GPU of this host that no other process holds, held for the block."""
+    folder = Path(tempfile.gettempdir())
+    while True:
+        for index in range(gpus):
+            handle = open(folder / f"gstalker-gpu-{index}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield index
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+                handle.close()
+            return
+        time.sleep(poll_s)  # every GPU taken by a process outside Prefect's count (a local run)
+
+
+@contextmanager
+def gpu_slot() -> Iterator[int]:
+    """Hold one of this host's GPU slots for the block; yields the GPU index it stands for.
+    Waits while all are taken."""
     gpus = host_gpus()
     if gpus == 0 or not get_current_settings().api.url:
         # Without PREFECT_API_URL each `gstalker` process starts a temporary server over the
         # shared ~/.prefect database, and no lease reaper runs there: a slot held by a killed
         # local run would never come back and every later local run would wait forever. A
-        # local run has no workers to share the GPU with, so it takes no slot.
-        yield
+        # local run has no workers to share the GPU with, so it takes no slot. With
+        # GSTALKER_GPUS=0 the pod's own GPU is its first.
+        yield 0
         return
     name = limit_name()
     with get_client(sync_client=True) as client:
@@ -66,4 +97,5 @@ def gpu_slot() -> Iterator[None]:
     # strict: never run unlimited if the limit vanished; a failed lease renewal only logs,
     # it must not abort hours of training.
     with concurrency(name, occupy=1, lease_duration=LEASE_S, strict=True, raise_on_lease_renewal_failure=False):
-        yield
+        with claim_gpu(gpus) as index:
+            yield index

@@ -19,6 +19,7 @@ from prefect.context import TaskRunContext
 
 from gstalker_core import audio, evaluate, ingest, speakers, static_fit, tracking, train_deform
 from gstalker_core.config import PipelineConfig
+from gstalker_core.runtime import on_gpu
 from gstalker_core.errors import ConfigError, InputError, StorageError
 from gstalker_core.storage import ArtifactStore, StageManifest, StageRun, find_stage, open_store
 from tasks.gpu import gpu_slot
@@ -104,16 +105,17 @@ def track_and_parse(ingest_run: StageManifest, cfg: PipelineConfig, speaker: str
 
 
 def _gpu_stage(stage: str, key: str, cfg: PipelineConfig,
-               build: Callable[[ArtifactStore], StageRun]) -> StageManifest:
-    """A GPU stage holds one of its host's GPU slots (tasks/gpu.py) while it builds, so CPU
-    stages of other speakers go on beside it. A stage already in the store (built on another
-    machine, where Prefect's cache does not reach) is read without queueing for a GPU."""
+               build: Callable[[ArtifactStore, PipelineConfig], StageRun]) -> StageManifest:
+    """A GPU stage holds one of its host's GPU slots (tasks/gpu.py) while it builds, on that
+    slot's GPU, so CPU stages of other speakers go on beside it. A stage already in the store
+    (built on another machine, where Prefect's cache does not reach) is read without queueing
+    for a GPU."""
     store = open_store(cfg)
     done = find_stage(store, stage, key)
     if done is not None:
         return _report(StageRun(done, True))
-    with gpu_slot():
-        return _report(build(store))
+    with gpu_slot() as gpu:
+        return _report(build(store, on_gpu(cfg, gpu)))
 
 
 # The `gpu` tag lets the UI filter GPU stages; their limit is per host (tasks/gpu.py).
@@ -121,8 +123,8 @@ def _gpu_stage(stage: str, key: str, cfg: PipelineConfig,
       tags=["gpu"], **STAGE_TASK)
 def fit_static(track_run: StageManifest, ingest_run: StageManifest, cfg: PipelineConfig, speaker: str = "") -> StageManifest:
     key = static_fit.stage_key(track_run, ingest_run, cfg)
-    return _gpu_stage(static_fit.STAGE, key, cfg, lambda store: static_fit.run(
-        store, ingest_run, track_run, cfg, progress=_progress_logger("fit-static")))
+    return _gpu_stage(static_fit.STAGE, key, cfg, lambda store, on: static_fit.run(
+        store, ingest_run, track_run, on, progress=_progress_logger("fit-static")))
 
 
 @task(name="train-deformation", task_run_name="train-deformation-{speaker}",
@@ -130,8 +132,8 @@ def fit_static(track_run: StageManifest, ingest_run: StageManifest, cfg: Pipelin
 def train_deformation(track_run: StageManifest, audio_run: StageManifest, static_run: StageManifest,
                       cfg: PipelineConfig, ingest_run: StageManifest, speaker: str = "") -> StageManifest:
     key = train_deform.stage_key(track_run, audio_run, static_run, cfg)
-    return _gpu_stage(train_deform.STAGE, key, cfg, lambda store: train_deform.run(
-        store, ingest_run, track_run, audio_run, static_run, cfg, progress=_progress_logger("train-deformation")))
+    return _gpu_stage(train_deform.STAGE, key, cfg, lambda store, on: train_deform.run(
+        store, ingest_run, track_run, audio_run, static_run, on, progress=_progress_logger("train-deformation")))
 
 
 @task(name="evaluate", task_run_name="evaluate-{speaker}", cache_key_fn=stage_cache_key(evaluate.stage_key),
@@ -140,8 +142,8 @@ def evaluate_model(bundle_run: StageManifest, ingest_run: StageManifest, cfg: Pi
                    track_run: StageManifest, audio_run: StageManifest, static_run: StageManifest,
                    speaker: str = "") -> StageManifest:
     key = evaluate.stage_key(bundle_run, ingest_run, cfg)
-    return _gpu_stage(evaluate.STAGE, key, cfg, lambda store: evaluate.run(
-        store, ingest_run, track_run, audio_run, static_run, bundle_run, cfg))
+    return _gpu_stage(evaluate.STAGE, key, cfg, lambda store, on: evaluate.run(
+        store, ingest_run, track_run, audio_run, static_run, bundle_run, on))
 
 
 @task(name="publish-speaker", task_run_name="publish-{speaker}", retries=2, retry_delay_seconds=5)

@@ -17,6 +17,7 @@ from gstalker_core.errors import InputError
 from gstalker_core.lipsync import pearson
 from gstalker_core.talking_head import TalkingHead
 from gstalker_core.render.gaussians import GaussianModel
+from gstalker_core.conditions import FrameSource
 from gstalker_core.train_deform import LandmarkGuide
 
 K = np.array([[300.0, 0, 64], [0, 300.0, 64], [0, 0, 1]])
@@ -76,7 +77,9 @@ def test_guide_teaches_an_audio_driven_mouth_that_generalises():
     head = GaussianModel.init_points(GaussianConfig(), template, np.full((478, 3), 0.5))
     model = TalkingHead(deform, head, head, n_features, 8, torch.from_numpy(views[:n_train]))
     model.audio_encoder.set_feature_stats(features[: 2 * n_train])
-    guide = LandmarkGuide(model, train, features, TrainConfig(guide_batch=16))
+    source = FrameSource.build(views, arrays.blink, arrays.K, np.zeros((8, 8, 3), np.uint8), torch.device("cpu"),
+                               features)
+    guide = LandmarkGuide(model, train, source, TrainConfig(guide_batch=16))
     optimizer = torch.optim.Adam([*model.audio_encoder.parameters(), *model.face_field.parameters()], lr=2e-3)
     first = guide.loss(0).item()
     for step in range(150):
@@ -107,5 +110,7 @@ def test_a_clip_without_reliable_landmarks_is_refused_with_the_fix():
     head = GaussianModel.init_points(GaussianConfig(), template, np.full((478, 3), 0.5))
     model = TalkingHead(DeformConfig(), head, head, 12, 8, torch.from_numpy(views))
     with pytest.raises(InputError, match="no training frame has reliable landmarks") as err:
-        LandmarkGuide(model, train, np.zeros((2 * n, 12), np.float32), TrainConfig())
+        LandmarkGuide(model, train, FrameSource.build(views, arrays.blink, arrays.K, np.zeros((8, 8, 3), np.uint8),
+                                                      torch.device("cpu"), np.zeros((2 * n, 12), np.float32)),
+                      TrainConfig())
     assert "QA video" in err.value.fix

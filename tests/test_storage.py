@@ -13,7 +13,7 @@ import pytest
 
 from gstalker_core.config import StoreConfig
 from gstalker_core.errors import StorageError
-from gstalker_core.storage import LocalStore, content_key, fetch_part, fetch_stage, find_stage, run_stage
+from gstalker_core.storage import LocalStore, StageWork, content_key, fetch_part, fetch_stage, find_stage, run_stage
 from gstalker_core.storage.s3 import S3Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,12 +72,12 @@ def _build(parts: dict[str, bytes]):
 
 
 def test_stage_cache_hit_and_checksum_on_read(store, tmp_path):
-    first = run_stage(store, stage="demo", code_version="1", config={"a": 1}, inputs={"x": "k"},
-                      build=_build({"p.bin": b"payload"}), cache_dir=tmp_path / "cache")
-    again = run_stage(store, stage="demo", code_version="1", config={"a": 1}, inputs={"x": "k"},
-                      build=_build({"p.bin": b"other"}), cache_dir=tmp_path / "cache")
-    changed = run_stage(store, stage="demo", code_version="1", config={"a": 2}, inputs={"x": "k"},
-                        build=_build({"p.bin": b"payload"}), cache_dir=tmp_path / "cache")
+    first = run_stage(store, StageWork("demo", "1", {"a": 1}, {"x": "k"}), _build({"p.bin": b"payload"}),
+                      tmp_path / "cache")
+    again = run_stage(store, StageWork("demo", "1", {"a": 1}, {"x": "k"}), _build({"p.bin": b"other"}),
+                      tmp_path / "cache")
+    changed = run_stage(store, StageWork("demo", "1", {"a": 2}, {"x": "k"}), _build({"p.bin": b"payload"}),
+                        tmp_path / "cache")
     assert not first.cache_hit and again.cache_hit and again.manifest.key == first.manifest.key
     assert not changed.cache_hit and changed.manifest.key != first.manifest.key
     assert fetch_part(store, first.manifest, "p.bin", tmp_path / "c2").read_bytes() == b"payload"
@@ -129,7 +129,7 @@ PUBLISHER = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {repo!r})
     from gstalker_core.config import StoreConfig
-    from gstalker_core.storage import run_stage
+    from gstalker_core.storage import StageWork, run_stage
     from gstalker_core.storage.s3 import S3Store
     store = S3Store({url!r}, StoreConfig(endpoint_url={endpoint!r}, addressing_style="path", max_attempts=1,
                                          connect_timeout_s=1, read_timeout_s=5))
@@ -143,7 +143,7 @@ PUBLISHER = textwrap.dedent("""
         print("uploaded", key, flush=True)
         time.sleep(0.5)
     store.put_file = slow_put
-    run_stage(store, stage="crash", code_version="1", config={{}}, inputs={{}}, build=build, cache_dir=Path({cache!r}))
+    run_stage(store, StageWork("crash", "1", {{}}, {{}}), build, Path({cache!r}))
     print("published", flush=True)
 """)
 
@@ -170,8 +170,7 @@ def test_writer_killed_mid_upload_leaves_nothing_visible(s3_server, s3_store, tm
     proc.wait()
     assert find_stage(s3_store, "crash", _stage_key(s3_store)) is None  # parts exist, no manifest
     assert s3_store.list("stages/crash/")
-    rerun = run_stage(s3_store, stage="crash", code_version="1", config={}, inputs={},
-                      build=_build({"part0.bin": b"complete"}), cache_dir=tmp_path / "c")
+    rerun = run_stage(s3_store, StageWork("crash", "1", {}, {}), _build({"part0.bin": b"complete"}), tmp_path / "c")
     assert not rerun.cache_hit
     assert fetch_stage(s3_store, rerun.manifest, tmp_path / "c2")["part0.bin"].read_bytes() == b"complete"
 

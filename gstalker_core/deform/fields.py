@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -55,6 +54,11 @@ class DeformDeltas:
     d_means: torch.Tensor  # (B, N, 3), scene units
     d_quats: torch.Tensor  # (B, N, 4), added to the identity quaternion (w, x, y, z)
     d_log_scales: torch.Tensor  # (B, N, 3)
+
+    def where(self, frames: torch.Tensor) -> "DeformDeltas":
+        """These deltas for the (B,) bool ``frames``, zero for the others."""
+        keep = frames.to(self.d_means.dtype)[:, None, None]
+        return DeformDeltas(self.d_means * keep, self.d_quats * keep, self.d_log_scales * keep)
 
     def apply(self, means: torch.Tensor, quats: torch.Tensor, log_scales: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -152,7 +156,7 @@ class TorsoDeformField(nn.Module):
     ``encode(means (N, 3)) -> (N, E)``; ``forward(encoded, pose (B, POSE_DIM), latent (B, latent_dim))``.
     Training takes ``latent = latent_for_track(frame indices)`` and adds ``latent_smoothness()``
     to the loss; at inference the latent comes from the pose track in use, which indexes
-    training frames (e.g. ``pose_track.pose_track_indices``).
+    training frames (e.g. ``dub_motion.pose_track_indices``).
     """
 
     def __init__(self, cfg: DeformConfig, n_train_frames: int, bbox_min, bbox_max):
@@ -170,15 +174,14 @@ class TorsoDeformField(nn.Module):
     def encode(self, means: torch.Tensor) -> torch.Tensor:
         return frequency_encoding(self.normalise(means), self.n_frequencies)
 
-    def latent_for_track(self, frame_indices) -> torch.Tensor:
-        """(B, latent_dim) latents of training frames ``frame_indices`` (the pose track's source frames)."""
-        idx = torch.as_tensor(np.asarray(frame_indices), dtype=torch.long, device=self.latents.weight.device)
-        n = self.latents.num_embeddings
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-            raise InputError(f"pose track indices span {int(idx.min())}..{int(idx.max())}, but the model has "
-                             f"{n} training frames",
-                             "build the pose track from this model's training track (pose_track_indices)")
-        return self.latents(idx)
+    @property
+    def n_train_frames(self) -> int:
+        return self.latents.num_embeddings
+
+    def latent_for_track(self, frame_indices: torch.Tensor) -> torch.Tensor:
+        """(B, latent_dim) latents of training frames ``frame_indices`` ((B,) long, on the model's
+        device; ``conditions.FrameSource`` checks their range before they get there)."""
+        return self.latents(frame_indices)
 
     def latent_smoothness(self) -> torch.Tensor:
         """Sum of squared differences between consecutive training frames' latents."""

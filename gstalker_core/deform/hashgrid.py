@@ -152,7 +152,17 @@ class TcnnHashGrid2D(nn.Module):
         return out[0] if single else out
 
 
+def tcnn_usable() -> bool:
+    """Whether the ``tcnn`` backend can run here: tinycudann imports and CUDA is present."""
+    try:
+        import tinycudann  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def make_hash_grid(backend: str, n_planes: int, n_levels: int, features_per_level: int, log2_table_size: int,
                    base_resolution: int, max_resolution: int) -> HashGrid2D | TcnnHashGrid2D:
-    cls = TcnnHashGrid2D if backend == "tcnn" else HashGrid2D
+    use_tcnn = backend == "tcnn" or (backend == "auto" and tcnn_usable())
+    cls = TcnnHashGrid2D if use_tcnn else HashGrid2D
     return cls(n_levels, features_per_level, log2_table_size, base_resolution, max_resolution, n_planes=n_planes)

@@ -41,7 +41,10 @@ class GaussianModel(nn.Module):
         self.opacity_logits = nn.Parameter(_inverse_sigmoid(torch.full((n,), cfg.init_opacity)))
         self.sh0 = nn.Parameter(((rgb.float() - 0.5) / SH_C0)[:, None, :].clone())
         self.shN = nn.Parameter(torch.zeros(n, (cfg.sh_degree + 1) ** 2 - 1, 3))
-        self._reset_stats()
+        # densification statistics: buffers, so that ``.to(device)`` moves them with the
+        # parameters; not persistent (checkpoints carry them through ``state()``)
+        self.register_buffer("grad_accum", torch.zeros(n), persistent=False)
+        self.register_buffer("grad_count", torch.zeros(n), persistent=False)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
@@ -89,8 +92,8 @@ class GaussianModel(nn.Module):
                                 eps=1e-15)
 
     def _reset_stats(self) -> None:
-        self.grad_accum = torch.zeros(len(self.means))
-        self.grad_count = torch.zeros(len(self.means))
+        self.grad_accum = torch.zeros(len(self.means), device=self.means.device)
+        self.grad_count = torch.zeros(len(self.means), device=self.means.device)
 
     @torch.no_grad()
     def densify_step(self, step: int, meta: dict, optimizer: torch.optim.Optimizer) -> None:
@@ -100,7 +103,7 @@ class GaussianModel(nn.Module):
             return
         grads = means2d_grads(meta)  # (C, N, 2) pixels
         visible = (meta["radii"] > 0).all(-1)  # (C, N)
-        scale = torch.tensor([meta["width"] / 2, meta["height"] / 2])
+        scale = torch.tensor([meta["width"] / 2, meta["height"] / 2], device=grads.device)
         norms = (grads * scale).norm(dim=-1) * visible
         self.grad_accum += norms.sum(0)
         self.grad_count += visible.sum(0)
@@ -174,10 +177,10 @@ class GaussianModel(nn.Module):
         if "densify" in state:
             model.grad_accum = state["densify"]["grad_accum"].clone()
             model.grad_count = state["densify"]["grad_count"].clone()
-        return model
+        return model.to(params["means"].device)
 
     def save(self, path: Path) -> Path:
-        save_file({p: getattr(self, p).detach().contiguous() for p in PARAMS}, str(path),
+        save_file({p: getattr(self, p).detach().cpu().contiguous() for p in PARAMS}, str(path),
                   metadata={"format": FORMAT, "config": self.cfg.model_dump_json()})
         return Path(path)
 
@@ -195,14 +198,14 @@ class GaussianModel(nn.Module):
         """Standard 3DGS (INRIA) binary little-endian .ply, readable by common splat viewers."""
         n = len(self)
         rest = self.shN.detach().transpose(1, 2).reshape(n, -1)  # channel-major, as INRIA writes f_rest
-        columns = {"x": self.means[:, 0], "y": self.means[:, 1], "z": self.means[:, 2],
-                   "nx": torch.zeros(n), "ny": torch.zeros(n), "nz": torch.zeros(n),
+        zeros = torch.zeros(n, device=self.means.device)
+        columns = {"x": self.means[:, 0], "y": self.means[:, 1], "z": self.means[:, 2], "nx": zeros, "ny": zeros, "nz": zeros,
                    **{f"f_dc_{i}": self.sh0[:, 0, i] for i in range(3)},
                    **{f"f_rest_{i}": rest[:, i] for i in range(rest.shape[1])},
                    "opacity": self.opacity_logits,
                    **{f"scale_{i}": self.log_scales[:, i] for i in range(3)},
                    **{f"rot_{i}": self.quats[:, i] for i in range(4)}}
-        data = np.stack([v.detach().float().numpy() for v in columns.values()], axis=1).astype("<f4")
+        data = np.stack([v.detach().float().cpu().numpy() for v in columns.values()], axis=1).astype("<f4")
         header = "ply\nformat binary_little_endian 1.0\nelement vertex {}\n{}end_header\n".format(
             n, "".join(f"property float {name}\n" for name in columns))
         with open(path, "wb") as f:

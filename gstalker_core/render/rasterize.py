@@ -1,16 +1,20 @@
-"""Differentiable 3D Gaussian rasterisation with two backends behind one function.
+"""Differentiable 3D Gaussian rasterisation with three backends behind one function.
 
 ``rasterization`` follows gsplat's ``rasterization()`` signature and conventions, so the
-two backends are interchangeable:
+backends are interchangeable:
 
 - ``gsplat``: gsplat's CUDA kernels (tensors on a CUDA device, gsplat installed);
-- ``torch``: our pure-PyTorch reference, on any device, differentiable by autograd.
+- ``numba``: the CPU default; projection and colours in PyTorch (the functions below),
+  the 2D tile compositing and its analytic backward in numba (``cpu_tiles``);
+- ``torch``: our pure-PyTorch reference, on any device, differentiable by autograd; the
+  oracle the other two are tested against.
 
 Conventions (gsplat's): ``viewmats`` are world-to-camera (OpenCV axes: +x right, +y down,
 +z forward); ``Ks`` are pixel intrinsics; a pixel (i, j) is evaluated at its centre
 (j + 0.5, i + 0.5); quaternions are (w, x, y, z) and normalised here; colours are either
 (N, 3) or SH coefficients (N, K, 3) with ``sh_degree`` (evaluated from the camera centre
-to each mean, + 0.5, clamped at 0).
+to each mean, + 0.5, clamped at 0). Per-camera Gaussians (a deformed head per frame) come
+with a leading camera dimension on every per-Gaussian tensor, as gsplat's batch dimensions.
 
 The reference reproduces gsplat's maths exactly: EWA projection with the Jacobian clamped
 to 1.3x the field of view, ``eps2d`` blur (with opacity compensation in ``antialiased``
@@ -120,12 +124,12 @@ def project(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Tensor, 
     return means2d, conics, z, radii, opacities, valid
 
 
-def _boxes(means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, ...]:
-    """Pixel ranges [x0, x1) x [y0, y1) whose centres (j + 0.5) lie within mean +- radius."""
-    x0 = torch.clamp(torch.ceil(means2d[:, 0] - radii[:, 0] - 0.5), 0, width).long()
-    x1 = torch.clamp(torch.floor(means2d[:, 0] + radii[:, 0] - 0.5) + 1, 0, width).long()
-    y0 = torch.clamp(torch.ceil(means2d[:, 1] - radii[:, 1] - 0.5), 0, height).long()
-    y1 = torch.clamp(torch.floor(means2d[:, 1] + radii[:, 1] - 0.5) + 1, 0, height).long()
+def footprint_boxes(means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, ...]:
+    """Pixel ranges [x0, x1) x [y0, y1) whose centres (j + 0.5) lie within mean +- radius (any leading dims)."""
+    x0 = torch.clamp(torch.ceil(means2d[..., 0] - radii[..., 0] - 0.5), 0, width).long()
+    x1 = torch.clamp(torch.floor(means2d[..., 0] + radii[..., 0] - 0.5) + 1, 0, width).long()
+    y0 = torch.clamp(torch.ceil(means2d[..., 1] - radii[..., 1] - 0.5), 0, height).long()
+    y1 = torch.clamp(torch.floor(means2d[..., 1] + radii[..., 1] - 0.5) + 1, 0, height).long()
     return x0, torch.maximum(x1, x0), y0, torch.maximum(y1, y0)
 
 
@@ -136,7 +140,7 @@ def _pairs(means2d: torch.Tensor, radii: torch.Tensor, valid: torch.Tensor, widt
     if ids.numel() == 0:
         empty = torch.zeros(0, dtype=torch.long, device=means2d.device)
         return empty, empty
-    x0, x1, y0, y1 = _boxes(means2d[ids].detach(), radii[ids], width, height)
+    x0, x1, y0, y1 = footprint_boxes(means2d[ids].detach(), radii[ids], width, height)
     w, h = (x1 - x0).clamp_min(0), (y1 - y0).clamp_min(0)
     counts = w * h
     gauss = torch.repeat_interleave(ids, counts)
@@ -169,7 +173,7 @@ def _contributing_pairs(means2d: torch.Tensor, conics: torch.Tensor, opac: torch
     table answers that in O(1)), which removes most of the hidden back of a head.
     """
     order = torch.nonzero(valid).squeeze(1)
-    order = order[torch.argsort(depths[order])]
+    order = order[torch.argsort(depths[order], stable=True)]  # equal depths: by index, as the numba backend
     transmittance = torch.ones(height * width, dtype=torch.float64, device=means2d.device)
     finished = torch.zeros(height * width, dtype=torch.bool, device=means2d.device)  # gsplat's early stop fired
     kept_g, kept_p = [], []
@@ -179,7 +183,7 @@ def _contributing_pairs(means2d: torch.Tensor, conics: torch.Tensor, opac: torch
         if kept_g:  # skip Gaussians whose footprint is entirely on finished pixels
             open_px = (~finished).reshape(height, width).long()
             table = F.pad(open_px.cumsum(0).cumsum(1), (1, 0, 1, 0))
-            x0, x1, y0, y1 = _boxes(means2d[ids], radii[ids], width, height)
+            x0, x1, y0, y1 = footprint_boxes(means2d[ids], radii[ids], width, height)
             n_open = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
             ids = ids[n_open > 0]
         mask = torch.zeros_like(valid)
@@ -208,10 +212,15 @@ def _contributing_pairs(means2d: torch.Tensor, conics: torch.Tensor, opac: torch
     return gauss[sort], pix[sort]
 
 
-def _rasterize_reference(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
-                         colors: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int,
-                         near: float, far: float, eps2d: float, sh_degree: int | None, background: torch.Tensor | None,
-                         render_mode: RenderMode, antialiased: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def _project_camera(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
+                    colors: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, near: float,
+                    far: float, eps2d: float, sh_degree: int | None, render_mode: RenderMode, antialiased: bool
+                    ) -> tuple[torch.Tensor, ...]:
+    """Everything per Gaussian that one camera needs, shared by the torch and numba backends.
+
+    Returns ``project``'s means2d, conics, depths, radii, opacities and valid mask, then the
+    features to composite (N, D): colours, plus the depth channel in the depth render modes.
+    """
     Rg = quat_to_rotmat(quats)
     M = Rg * scales[:, None, :]
     covars = M @ M.transpose(-1, -2)
@@ -225,7 +234,28 @@ def _rasterize_reference(means: torch.Tensor, quats: torch.Tensor, scales: torch
     channels = [rgb]
     if render_mode in ("RGB+D", "RGB+ED"):
         channels.append(depths[:, None])
-    feats = torch.cat(channels, -1)
+    return means2d, conics, depths, radii, opac, valid, torch.cat(channels, -1)
+
+
+def _finish_image(image: torch.Tensor, alpha: torch.Tensor, render_mode: RenderMode,
+                  background: torch.Tensor | None) -> torch.Tensor:
+    """Expected depth (RGB+ED) and the background (broadcastable to the image) under the composite."""
+    if render_mode == "RGB+ED":
+        image = torch.cat([image[..., :-1], image[..., -1:] / alpha.clamp_min(1e-10)], -1)
+    if background is not None:
+        depth_channels = image.shape[-1] - background.shape[-1]  # the background has no depth
+        image = image + (1 - alpha) * torch.cat([background, background.new_zeros(*background.shape[:-1],
+                                                                                  depth_channels)], -1)
+    return image
+
+
+def _rasterize_reference(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
+                         colors: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int,
+                         near: float, far: float, eps2d: float, sh_degree: int | None, background: torch.Tensor | None,
+                         render_mode: RenderMode, antialiased: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    means2d, conics, depths, radii, opac, valid, feats = _project_camera(
+        means, quats, scales, opacities, colors, viewmat, K, width, height, near, far, eps2d, sh_degree, render_mode,
+        antialiased)
     n_pix = width * height
     gauss, pix = _contributing_pairs(means2d.detach(), conics.detach(), opac.detach(), depths.detach(), radii, valid,
                                      width, height)
@@ -236,13 +266,8 @@ def _rasterize_reference(means: torch.Tensor, quats: torch.Tensor, scales: torch
     out = torch.zeros(n_pix, feats.shape[-1], dtype=feats.dtype, device=feats.device)
     out = out.index_add(0, pix, weight[:, None] * feats[gauss])
     acc = torch.zeros(n_pix, dtype=weight.dtype, device=weight.device).index_add(0, pix, weight)
-    image = out.reshape(height, width, -1)
     alpha_img = acc.reshape(height, width, 1)
-    if render_mode == "RGB+ED":
-        image = torch.cat([image[..., :-1], image[..., -1:] / alpha_img.clamp_min(1e-10)], -1)
-    if background is not None:
-        bg = torch.cat([background, background.new_zeros(image.shape[-1] - background.shape[-1])])
-        image = image + (1 - alpha_img) * bg
+    image = _finish_image(out.reshape(height, width, -1), alpha_img, render_mode, background)
     meta = {"means2d": means2d, "radii": radii, "depths": depths, "conics": conics, "opacities": opac,
             "n_pairs": int(len(pix))}
     return image, alpha_img, meta
@@ -264,26 +289,38 @@ def rasterization(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor
                   near_plane: float = 0.01, far_plane: float = 1e10, sh_degree: int | None = None,
                   backgrounds: torch.Tensor | None = None, render_mode: RenderMode = "RGB", eps2d: float = 0.3,
                   rasterize_mode: Literal["classic", "antialiased"] = "classic",
-                  backend: Literal["auto", "torch", "gsplat"] = "auto"
+                  backend: Literal["auto", "torch", "numba", "gsplat"] = "auto"
                   ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Render N Gaussians into C cameras.
 
     Args (gsplat's): means (N, 3); quats (N, 4) w,x,y,z; scales (N, 3) (activated); opacities
     (N,) in [0, 1]; colors (N, D) or SH coefficients (N, K, 3) with ``sh_degree``; viewmats
-    (C, 4, 4) world-to-camera; Ks (C, 3, 3); backgrounds (C, D) optional.
+    (C, 4, 4) world-to-camera; Ks (C, 3, 3); backgrounds (C, D) optional. Per-camera Gaussians:
+    every per-Gaussian tensor with a leading C (means (C, N, 3), ..., colors (C, N, K, 3)).
+    ``backend="auto"``: gsplat on CUDA tensors when installed, numba on the CPU.
     Returns render_colors (C, H, W, D[+1 depth]), render_alphas (C, H, W, 1) and meta. In the
     meta: ``means2d`` keeps its gradient (read it with ``means2d_grads``, for densification),
     ``radii`` (C, N, 2), 0 where culled.
     """
+    batched = means.dim() == 3
+    if batched and means.shape[0] != len(viewmats):
+        raise ValueError(f"per-camera Gaussians: {means.shape[0]} sets for {len(viewmats)} cameras")
     if backend == "auto":
-        backend = "gsplat" if means.is_cuda and _gsplat_available() else "torch"
+        if means.is_cuda:
+            backend = "gsplat" if _gsplat_available() else "torch"
+        else:
+            backend = "numba"
     if backend == "gsplat":
         return _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
                                  far_plane, sh_degree, backgrounds, render_mode, eps2d, rasterize_mode)
+    gaussians = (means, quats, scales, opacities, colors)
+    if backend == "numba":
+        return _rasterize_numba(gaussians, batched, viewmats, Ks, width, height, near_plane, far_plane, eps2d,
+                                sh_degree, backgrounds, render_mode, rasterize_mode == "antialiased")
     images, alphas, metas = [], [], []
     for c in range(len(viewmats)):
         image, alpha, meta = _rasterize_reference(
-            means, quats, scales, opacities, colors, viewmats[c], Ks[c], width, height, near_plane, far_plane, eps2d,
+            *_camera_gaussians(gaussians, c, batched), viewmats[c], Ks[c], width, height, near_plane, far_plane, eps2d,
             sh_degree, None if backgrounds is None else backgrounds[c], render_mode, rasterize_mode == "antialiased")
         if meta["means2d"].requires_grad:
             meta["means2d"].retain_grad()
@@ -294,6 +331,32 @@ def rasterization(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor
             "depths": torch.stack([m["depths"] for m in metas]), "n_pairs": sum(m["n_pairs"] for m in metas),
             "width": width, "height": height, "backend": "torch"}
     return torch.stack(images), torch.stack(alphas), meta
+
+
+def _camera_gaussians(gaussians: tuple[torch.Tensor, ...], c: int, batched: bool) -> tuple[torch.Tensor, ...]:
+    """The Gaussians camera ``c`` sees: its own set when they are per camera, else the shared one."""
+    return tuple(t[c] for t in gaussians) if batched else gaussians
+
+
+def _rasterize_numba(gaussians: tuple[torch.Tensor, ...], batched: bool, viewmats: torch.Tensor, Ks: torch.Tensor,
+                     width: int, height: int, near: float, far: float, eps2d: float, sh_degree: int | None,
+                     backgrounds: torch.Tensor | None, render_mode: RenderMode, antialiased: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Projection and colours by autograd (``_project_camera``), 2D compositing in numba tiles."""
+    if gaussians[0].is_cuda:
+        raise ValueError("the numba backend needs CPU tensors; use backend='gsplat' or 'torch' on CUDA")
+    from . import cpu_tiles  # numba is imported only when this backend runs
+
+    per_camera = [_project_camera(*_camera_gaussians(gaussians, c, batched), viewmats[c], Ks[c], width, height, near,
+                                  far, eps2d, sh_degree, render_mode, antialiased) for c in range(len(viewmats))]
+    means2d, conics, depths, radii, opac, _, feats = (torch.stack(parts) for parts in zip(*per_camera))
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    image, alpha, n_pairs = cpu_tiles.rasterize_to_pixels(means2d, conics, feats, opac, depths, radii, width, height)
+    image = _finish_image(image, alpha, render_mode, None if backgrounds is None else backgrounds[:, None, None, :])
+    meta = {"means2d": means2d, "radii": radii, "depths": depths, "n_pairs": n_pairs, "width": width,
+            "height": height, "backend": "numba"}
+    return image, alpha, meta
 
 
 def _gsplat_available() -> bool:
@@ -308,13 +371,20 @@ def _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, wid
                       sh_degree, backgrounds, render_mode, eps2d, rasterize_mode):
     if not means.is_cuda:
         # on a CPU tensor gsplat tries to JIT-compile CUDA kernels and fails obscurely
-        raise ValueError("the gsplat backend needs CUDA tensors; use backend='torch' on the CPU")
+        raise ValueError("the gsplat backend needs CUDA tensors; use backend='numba' or 'torch' on the CPU")
     import gsplat
 
+    batched = means.dim() == 3
+    if batched:  # per-camera Gaussians: gsplat's batch dimension, each batch entry seen by one camera
+        viewmats, Ks = viewmats[:, None], Ks[:, None]
+        backgrounds = None if backgrounds is None else backgrounds[:, None]
     images, alphas, meta = gsplat.rasterization(
         means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane=near_plane,
         far_plane=far_plane, sh_degree=sh_degree, backgrounds=backgrounds, render_mode=render_mode, eps2d=eps2d,
         rasterize_mode=rasterize_mode, packed=False)
+    if batched:  # means2d stays (C, 1, N, 2): its .grad is filled there, means2d_grads flattens it
+        images, alphas = images[:, 0], alphas[:, 0]
+        meta["radii"], meta["depths"] = meta["radii"][:, 0], meta["depths"][:, 0]
     meta["backend"] = "gsplat"
     if meta["means2d"].requires_grad:
         meta["means2d"].retain_grad()
@@ -322,8 +392,9 @@ def _rasterize_gsplat(means, quats, scales, opacities, colors, viewmats, Ks, wid
 
 
 def means2d_grads(meta: dict) -> torch.Tensor:
-    """(C, N, 2) gradient of the loss w.r.t. the projected means (after ``backward``), either backend."""
+    """(C, N, 2) gradient of the loss w.r.t. the projected means (after ``backward``), any backend."""
     m = meta["means2d"]
     if isinstance(m, list):
         return torch.stack([t.grad if t.grad is not None else torch.zeros_like(t) for t in m])
-    return m.grad if m.grad is not None else torch.zeros_like(m)
+    grad = m.grad if m.grad is not None else torch.zeros_like(m)
+    return grad.reshape(-1, *grad.shape[-2:])  # gsplat's per-camera Gaussians: (C, 1, N, 2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..config import PipelineConfig
 from .base import ArtifactStore, sha256_file
 from .local import LocalStore
-from .stages import StageManifest, StageRun, PartInfo, content_key, find_stage, publish_stage, run_stage, fetch_part, fetch_stage
+from .stages import StageManifest, StageRun, StageWork, PartInfo, content_key, find_stage, publish_stage, run_stage, fetch_part, fetch_stage
 
 
 def open_store(cfg: PipelineConfig) -> ArtifactStore:
@@ -18,4 +18,4 @@ def open_store(cfg: PipelineConfig) -> ArtifactStore:
 
 
 __all__ = ["ArtifactStore", "LocalStore", "open_store", "sha256_file", "StageManifest", "StageRun", "PartInfo",
-           "content_key", "find_stage", "publish_stage", "run_stage", "fetch_part", "fetch_stage"]
+           "StageWork", "content_key", "find_stage", "publish_stage", "run_stage", "fetch_part", "fetch_stage"]

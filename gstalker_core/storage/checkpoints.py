@@ -6,8 +6,10 @@ stage will publish under: a rerun of the same work finds the checkpoint and cont
 while changed inputs or config get a fresh key and start over. The checkpoint is deleted
 once the stage is published.
 
-The state includes every RNG the loop draws from (torch, numpy, python), so a resumed run
-produces exactly the parameters an uninterrupted one would.
+The state includes every RNG the loop draws from (torch, numpy, python, and CUDA's where
+CUDA is in use), so a resumed run on the device that saved it produces exactly the
+parameters an uninterrupted one would. It loads on any device: tensors come back on the CPU
+and the caller moves them to its own device (``load_state_dict`` copies into the model's).
 """
 
 from __future__ import annotations
@@ -25,13 +27,19 @@ ROOT = "checkpoints"
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    # a checkpoint from a GPU resumed on the CPU (or on fewer GPUs) has no CUDA draws to repeat
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Checkpoints:
@@ -51,7 +59,8 @@ class Checkpoints:
         if not self.store.exists(self.key):
             return None
         # weights_only=False: the state holds numpy/python RNG tuples; the store is ours (trusted).
-        state = torch.load(io.BytesIO(self.store.get_bytes(self.key)), weights_only=False)
+        # map_location: a checkpoint saved on cuda:1 loads on a CPU worker or on cuda:0
+        state = torch.load(io.BytesIO(self.store.get_bytes(self.key)), map_location="cpu", weights_only=False)
         set_rng_state(state.pop("rng"))
         return state
 

@@ -17,6 +17,7 @@ import json
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -65,6 +66,21 @@ def content_key(stage: str, code_version: str, config: Any, inputs: dict[str, st
     doc = {"stage": stage, "code": code_version, "config": _canonical(config), "inputs": dict(sorted(inputs.items()))}
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class StageWork:
+    """A stage's identity: the work whose output ``key`` names. Each stage declares it in
+    one function, which both its cache lookup (``key``) and its run (``run_stage``) use."""
+
+    stage: str
+    code_version: str
+    config: Any  # the stage's own config section(s)
+    inputs: dict[str, str]  # input name -> content key (or a source's hash)
+
+    @property
+    def key(self) -> str:
+        return content_key(self.stage, self.code_version, self.config, self.inputs)
 
 
 def manifest_key(stage: str, key: str) -> str:
@@ -126,14 +142,14 @@ def fetch_stage(store: ArtifactStore, manifest: StageManifest, cache_dir: Path) 
     return {name: fetch_part(store, manifest, name, cache_dir) for name in manifest.parts}
 
 
-def run_stage(store: ArtifactStore, *, stage: str, code_version: str, config: Any, inputs: dict[str, str],
-              build: Callable[[Path], dict[str, Any]], cache_dir: Path) -> StageRun:
-    """Return the stage's output, building and publishing it first unless it is stored.
+def run_stage(store: ArtifactStore, work: StageWork, build: Callable[[Path], dict[str, Any]], cache_dir: Path
+              ) -> StageRun:
+    """Return the output of ``work``, building and publishing it first unless it is stored.
 
     ``build(workdir)`` writes the stage's files into ``workdir`` and returns the stage's
     metadata (a JSON-able dict, usually a pydantic model's dump).
     """
-    key = content_key(stage, code_version, config, inputs)
+    stage, key = work.stage, work.key
     found = find_stage(store, stage, key)
     if found is not None:
         return StageRun(found, True)
@@ -142,8 +158,8 @@ def run_stage(store: ArtifactStore, *, stage: str, code_version: str, config: An
     workdir = Path(tempfile.mkdtemp(dir=tmp_root, prefix=f"{stage}-"))
     try:
         meta = build(workdir)
-        manifest = publish_stage(store, stage=stage, key=key, code_version=code_version, workdir=workdir,
-                                 meta=meta, inputs=inputs, config=config)
+        manifest = publish_stage(store, stage=stage, key=key, code_version=work.code_version, workdir=workdir,
+                                 meta=meta, inputs=work.inputs, config=work.config)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return StageRun(manifest, False)

@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import ingest
 from ..config import PipelineConfig
 from ..frames import ChunkReader
-from ..storage import ArtifactStore, StageManifest, StageRun, content_key, fetch_stage, run_stage
+from ..storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_stage, run_stage
 from .dataset import SpeakerDataset, TrackArrays
 from .track import LABELS, Progress, TrackManifest, track_clip
 
@@ -20,8 +20,12 @@ STAGE = "track"
 CODE_VERSION = "2"  # 2: mouth_covered.npy
 
 
+def work(ingest_run: StageManifest, cfg: PipelineConfig) -> StageWork:
+    return StageWork(STAGE, CODE_VERSION, cfg.track, {"ingest": ingest_run.key})
+
+
 def stage_key(ingest_run: StageManifest, cfg: PipelineConfig) -> str:
-    return content_key(STAGE, CODE_VERSION, cfg.track, {"ingest": ingest_run.key})
+    return work(ingest_run, cfg).key
 
 
 def run(store: ArtifactStore, ingest_run: StageManifest, cfg: PipelineConfig, progress: Progress | None = None
@@ -34,8 +38,7 @@ def run(store: ArtifactStore, ingest_run: StageManifest, cfg: PipelineConfig, pr
         manifest = track_clip(frames, cfg.track, workdir, progress, fps=meta.fps, chunk_frames=meta.chunk_frames)
         return manifest.model_dump(mode="json")
 
-    return run_stage(store, stage=STAGE, code_version=CODE_VERSION, config=cfg.track,
-                     inputs={"ingest": ingest_run.key}, build=build, cache_dir=cfg.cache_dir)
+    return run_stage(store, work(ingest_run, cfg), build, cfg.cache_dir)
 
 
 def manifest_of(track_run: StageManifest) -> TrackManifest:

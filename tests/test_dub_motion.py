@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gstalker_core.errors import InputError
-from gstalker_core.pose_track import pose_track_indices
+from gstalker_core.dub_motion import pose_track_indices
 
 
 @pytest.mark.parametrize("n_out, n_train", [(10, 100), (1000, 37), (1, 5), (250, 2)])

@@ -1,0 +1,76 @@
+"""Per-frame inputs on one device: the one place where a clip's or a dub's arrays become the
+tensors that training, evaluation and dubbing feed the model and the rasteriser.
+
+A ``FrameSource`` holds a pose track (world-to-camera matrices and blinks), the camera
+intrinsics, the background plate and, where there is audio, the audio features. Its
+``conditions`` pick, for B frames, the audio windows of some frames and the poses of others:
+- training: the frames' own audio, poses and torso latents;
+- evaluation: a held-out frame's audio (or its nearest training frame's) at its own pose,
+  with the static torso (``NO_FRAME``);
+- dubbing: the new audio's frames at the poses of the training frames the pose track
+  extends over, with those frames' torso latents.
+``targets`` turns dataset samples into the layer targets of the photometric loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import InputError
+from .talking_head import NO_FRAME, FrameConditions, TalkingHead, eye_openness
+from .tracking import compose_targets
+
+
+def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+
+
+@dataclass
+class FrameSource:
+    viewmats: torch.Tensor  # (T, 4, 4) float32 pose track (head-to-camera)
+    eye: torch.Tensor  # (T,) float32 eye openness, 1 = open
+    K: torch.Tensor  # (3, 3) float32
+    plate: torch.Tensor  # (H, W, 3) float32 in [0, 1]
+    plate_rgb: np.ndarray  # (H, W, 3) uint8, the same plate for the targets
+    features: np.ndarray | None  # (steps, n_features) audio features, 2 steps per frame; None: no audio
+
+    @classmethod
+    def build(cls, viewmats: np.ndarray, blink: np.ndarray, K: np.ndarray, plate: np.ndarray,
+              device: torch.device, features: np.ndarray | None = None) -> "FrameSource":
+        return cls(viewmats=to_device(viewmats, device, torch.float32),
+                   eye=to_device(eye_openness(blink), device, torch.float32), K=to_device(K, device, torch.float32),
+                   plate=to_device(plate, device, torch.float32) / 255.0, plate_rgb=plate, features=features)
+
+    @property
+    def device(self) -> torch.device:
+        return self.viewmats.device
+
+    def conditions(self, model: TalkingHead, audio_frames, poses=None, track=None) -> FrameConditions:
+        """Conditions of B frames: the audio windows around ``audio_frames``, the pose and blink
+        of pose-track frames ``poses`` (default: ``audio_frames``), the torso latents of
+        training frames ``track`` (default: none, the static torso)."""
+        audio_frames = np.asarray(audio_frames, dtype=np.int64)
+        poses = audio_frames if poses is None else np.asarray(poses, dtype=np.int64)
+        track = np.full(len(audio_frames), NO_FRAME) if track is None else np.asarray(track, dtype=np.int64)
+        known = track[track != NO_FRAME]
+        n_latents = model.torso_field.n_train_frames
+        if known.size and (known.min() < 0 or known.max() >= n_latents):
+            raise InputError(f"pose track indices span {known.min()}..{known.max()}, but the model has "
+                             f"{n_latents} training frames",
+                             "build the pose track from this model's training track (pose_track_indices)")
+        index = to_device(poses, self.device)
+        return FrameConditions(audio=model.audio_encoder.windows(self.features, audio_frames), eye=self.eye[index],
+                               viewmats=self.viewmats[index], track_frames=to_device(track, self.device))
+
+    def targets(self, samples) -> dict[str, torch.Tensor]:
+        """(B, H, W, C) targets of dataset samples: the frame, and each layer's colour and alpha
+        (``tracking.compose_targets``) over this plate."""
+        layers = [compose_targets(s.rgb.numpy(), s.labels.numpy(), self.plate_rgb) for s in samples]
+        head_rgb, head_alpha, torso_rgb, torso_alpha = (np.stack(parts) for parts in zip(*layers))
+        frames = np.stack([s.rgb.numpy() for s in samples]).astype(np.float32) / 255.0
+        out = {"rgb": frames, "head_rgb": head_rgb, "head_alpha": head_alpha[..., None], "torso_rgb": torso_rgb,
+               "torso_alpha": torso_alpha[..., None]}
+        return {name: to_device(value, self.device, torch.float32) for name, value in out.items()}

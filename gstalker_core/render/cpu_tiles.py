@@ -1,0 +1,343 @@
+"""CPU tile rasteriser: gsplat's ``rasterize_to_pixels`` (2D compositing) in numba.
+
+Projection, SH colours and the antialiasing compensation stay in PyTorch (``rasterize``);
+this module composites the projected 2D Gaussians of C cameras and differentiates that
+analytically, with the cut-offs of the reference backend (``rasterize._contributing_pairs``).
+
+Algorithm
+- Footprint boxes: the pixel ranges of ``rasterize.footprint_boxes`` (the reference's own
+  function), empty for culled Gaussians (radius 0). A Gaussian is evaluated only at the
+  pixels of its box, as in the reference.
+- Binning: the image is cut into 16x16 tiles; each Gaussian is listed in every tile its box
+  touches. Gaussians are listed in front-to-back order (one stable sort by depth per camera,
+  so equal depths go by index as in the reference), which leaves every tile's list
+  depth-sorted without a per-tile sort. Tile lists are consecutive slices of one flat array.
+- Forward, per tile: walk the tile's list front to back and, for each Gaussian, the tile
+  pixels of its box; a pair with sigma < 0 or alpha = min(0.999, o exp(-sigma)) < 1/255 is
+  skipped; a pixel stops (early stop) before its transmittance T (1 - alpha) would fall to
+  1e-4, and the tile stops when all its pixels have. Every pixel keeps, for the backward,
+  its final transmittance and the list entry of its last contributing Gaussian.
+- Backward (gsplat's back-to-front replay): walk the tile's list back from the latest last
+  contributor of its pixels; at each pixel where the Gaussian contributed, recover T in
+  front of it by dividing by (1 - alpha) and carry the sum of what the Gaussians behind it
+  gave. The loss gradient w.r.t. alpha follows in closed form, then w.r.t. opacity, conic
+  and 2D mean through alpha = o exp(-sigma(mean, conic)), and w.r.t. the features.
+
+Threading: ``numba.prange`` runs over (camera, tile) jobs. A job writes only its own pixels
+in the forward, and in the backward only the gradient rows of its own list entries (one row
+per (tile, Gaussian) entry). A serial pass then sums the entry rows of each Gaussian (linear
+in the entries, milliseconds), so no two threads ever write the same memory.
+
+Precision: arrays keep the caller's dtype (float32 in training); per-pixel arithmetic,
+transmittance and gradient sums run in float64 locals. Kernels are compiled once per dtype
+and cached on disk (``cache=True``): a later process loads them in about a second.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from .rasterize import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE, footprint_boxes
+
+TILE = 16
+# gradient columns of a list entry: d mean2d (x, y) 0-1, d conic (a, b, c) 2-4, d opacity, d features (D)
+MEAN_COLS, CONIC_COLS, OPACITY_COL, FEATURE_START = slice(0, 2), slice(2, 5), 5, 6
+
+# Only the (camera, tile) loops are parallel and their bodies are separate serial functions:
+# numba's parfor passes are slow on large loop bodies, this keeps the cold compile short.
+_jit = numba.njit(cache=True, fastmath=False)
+_jit_parallel = numba.njit(cache=True, parallel=True, fastmath=False)
+
+
+@_jit
+def _tile_range(box):
+    """Tiles [tx0, tx1) x [ty0, ty1) touched by a pixel box (x0, x1, y0, y1); empty box -> none."""
+    if box[1] <= box[0] or box[3] <= box[2]:
+        return 0, 0, 0, 0
+    return box[0] // TILE, (box[1] - 1) // TILE + 1, box[2] // TILE, (box[3] - 1) // TILE + 1
+
+
+@_jit
+def _bin_gaussians(boxes, order, tiles_x, n_tiles):
+    """Flat depth-sorted tile lists: Gaussian ids, and where the list of job (camera, tile) starts."""
+    n_cameras, n_gaussians = order.shape
+    counts = np.zeros(n_cameras * n_tiles, np.int64)
+    for c in range(n_cameras):
+        for g in range(n_gaussians):
+            tx0, tx1, ty0, ty1 = _tile_range(boxes[c, g])
+            for ty in range(ty0, ty1):
+                for tx in range(tx0, tx1):
+                    counts[c * n_tiles + ty * tiles_x + tx] += 1
+    starts = np.zeros(n_cameras * n_tiles + 1, np.int64)
+    starts[1:] = np.cumsum(counts)
+    ids = np.empty(starts[-1], np.int32)
+    cursor = starts[:-1].copy()
+    for c in range(n_cameras):
+        for i in range(n_gaussians):  # front to back: every tile list comes out depth-sorted
+            g = order[c, i]
+            tx0, tx1, ty0, ty1 = _tile_range(boxes[c, g])
+            for ty in range(ty0, ty1):
+                for tx in range(tx0, tx1):
+                    job = c * n_tiles + ty * tiles_x + tx
+                    ids[cursor[job]] = g
+                    cursor[job] += 1
+    return starts, ids
+
+
+@_jit
+def _gaussian(means2d, conics, opacities, c, g):
+    """Gaussian g of camera c as float64 scalars: mean (x, y), conic (a, b, c), opacity, and
+    a sigma beyond which alpha is surely below 1/255 (o exp(-sigma) = 1/255, plus a margin
+    far above rounding), which spares the exp there; the exact test still decides the rest."""
+    opacity = np.float64(opacities[c, g])
+    return (np.float64(means2d[c, g, 0]), np.float64(means2d[c, g, 1]), np.float64(conics[c, g, 0]),
+            np.float64(conics[c, g, 1]), np.float64(conics[c, g, 2]), opacity,
+            np.log(opacity / ALPHA_THRESHOLD) + 1e-6)
+
+
+@_jit
+def _pair(mx, my, a, b, cc, opacity, sigma_cut, px, py):
+    """(alpha, exp(-sigma), dx, dy) of a Gaussian at pixel (px, py) of its box; alpha = 0: pair skipped."""
+    dx = mx - (px + 0.5)
+    dy = my - (py + 0.5)
+    sigma = 0.5 * (a * dx * dx + cc * dy * dy) + b * dx * dy
+    if sigma < 0.0 or sigma > sigma_cut:
+        return 0.0, 0.0, 0.0, 0.0
+    vis = np.exp(-sigma)
+    alpha = min(MAX_ALPHA, opacity * vis)
+    if alpha < ALPHA_THRESHOLD:
+        return 0.0, 0.0, 0.0, 0.0
+    return alpha, vis, dx, dy
+
+
+@_jit
+def _tile_geometry(job, n_tiles, tiles_x, width, height):
+    """Camera, top-left pixel and size of a (camera, tile) job's tile."""
+    c, t = divmod(job, n_tiles)
+    x0, y0 = (t % tiles_x) * TILE, (t // tiles_x) * TILE
+    return c, x0, y0, min(TILE, width - x0), min(TILE, height - y0)
+
+
+@_jit
+def _clip_box(box, x0, y0, tile_w, tile_h):
+    """A footprint box (x0, x1, y0, y1) cut to the tile, in tile-local pixel coordinates."""
+    return (max(box[0] - x0, 0), min(box[1] - x0, tile_w), max(box[2] - y0, 0), min(box[3] - y0, tile_h))
+
+
+@_jit
+def _narrow_open_span(done, y, open_from, open_to):
+    """Shrink row y's span [open_from, open_to) past the stopped pixels at its ends."""
+    while open_from[y] < open_to[y] and done[y, open_from[y]]:
+        open_from[y] += 1
+    while open_to[y] > open_from[y] and done[y, open_to[y] - 1]:
+        open_to[y] -= 1
+
+
+@_jit
+def _forward_tile(job, means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
+                  image, final_T, last_entry, contributed):
+    """Composite one (camera, tile) front to back; returns its number of composited pairs and
+    marks the list entries that contributed to any pixel.
+
+    The tile visits its Gaussians in depth order and each Gaussian the tile pixels of its box,
+    so only the pairs the reference considers are evaluated. Pixels that stopped are passed
+    over by row: each row keeps the span holding its open pixels, and the tile ends when no
+    pixel is open (most of a head lies behind its opaque front).
+    """
+    n_features = image.shape[3]
+    c, x0, y0, tile_w, tile_h = _tile_geometry(job, n_tiles, tiles_x, image.shape[2], image.shape[1])
+    T = np.ones((tile_h, tile_w))
+    acc = np.zeros((tile_h, tile_w, n_features))
+    last = np.full((tile_h, tile_w), -1, np.int64)
+    done = np.zeros((tile_h, tile_w), np.bool_)
+    open_from, open_to = np.zeros(tile_h, np.int64), np.full(tile_h, tile_w, np.int64)  # per row
+    n_open, n_pairs = tile_w * tile_h, 0
+    for k in range(starts[job], starts[job + 1]):
+        if n_open == 0:
+            break
+        g = ids[k]
+        mx, my, a, b, cc, opacity, sigma_cut = _gaussian(means2d, conics, opacities, c, g)
+        bx0, bx1, by0, by1 = _clip_box(boxes[c, g], x0, y0, tile_w, tile_h)
+        for y in range(by0, by1):
+            for x in range(max(bx0, open_from[y]), min(bx1, open_to[y])):
+                if done[y, x]:
+                    continue
+                alpha, _, _, _ = _pair(mx, my, a, b, cc, opacity, sigma_cut, x0 + x, y0 + y)
+                if alpha == 0.0:
+                    continue
+                next_T = T[y, x] * (1.0 - alpha)
+                if next_T <= MIN_TRANSMITTANCE:  # gsplat stops before T reaches 1e-4
+                    done[y, x] = True
+                    n_open -= 1
+                    _narrow_open_span(done, y, open_from, open_to)
+                    continue
+                weight = alpha * T[y, x]
+                for d in range(n_features):
+                    acc[y, x, d] += weight * features[c, g, d]
+                T[y, x] = next_T
+                last[y, x] = k
+                contributed[k] = True
+                n_pairs += 1
+    for y in range(tile_h):
+        for x in range(tile_w):
+            image[c, y0 + y, x0 + x] = acc[y, x]
+            final_T[c, y0 + y, x0 + x] = T[y, x]
+            last_entry[c, y0 + y, x0 + x] = last[y, x]
+    return n_pairs
+
+
+@_jit_parallel
+def _forward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
+             image, final_T, last_entry, contributed, pair_counts):
+    """Composite every tile into ``image`` (C, H, W, D); per pixel the final transmittance and
+    the list entry of the last contributor (-1: none), per list entry whether it contributed,
+    per job the number of composited pairs."""
+    for job in numba.prange(len(pair_counts)):
+        # np.int64: numba types the prange index as signed, then lowers it unsigned (two compiles otherwise)
+        pair_counts[job] = _forward_tile(np.int64(job), means2d, conics, features, opacities, boxes, starts, ids,
+                                         tiles_x, n_tiles, image, final_T, last_entry, contributed)
+
+
+@_jit
+def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
+                   final_T, last_entry, contributed, grad_image, grad_alpha, entry_grads):
+    """Gradients of one (camera, tile)'s list entries, replayed back to front.
+
+    The tile visits the Gaussians that contributed to any of its pixels, from the latest last
+    contributor to the front, each over the tile pixels of its box in front of their stop
+    (entry <= the pixel's last); per pixel it carries the transmittance and the sum of what
+    lies behind.
+    """
+    n_features = grad_image.shape[3]
+    c, x0, y0, tile_w, tile_h = _tile_geometry(job, n_tiles, tiles_x, grad_image.shape[2], grad_image.shape[1])
+    T = np.empty((tile_h, tile_w))
+    behind = np.zeros((tile_h, tile_w))  # per pixel: sum over the contributors behind of weight (grad . feature)
+    row_last = np.full(tile_h, -1, np.int64)  # per row: the latest last contributor
+    for y in range(tile_h):
+        for x in range(tile_w):
+            T[y, x] = final_T[c, y0 + y, x0 + x]
+            row_last[y] = max(row_last[y], last_entry[c, y0 + y, x0 + x])
+    for k in range(row_last.max(), starts[job] - 1, -1):
+        if not contributed[k]:  # behind the stop or faint on all this tile's pixels
+            continue
+        g = ids[k]
+        mx, my, a, b, cc, opacity, sigma_cut = _gaussian(means2d, conics, opacities, c, g)
+        bx0, bx1, by0, by1 = _clip_box(boxes[c, g], x0, y0, tile_w, tile_h)
+        mean_x_grad = mean_y_grad = a_grad = b_grad = c_grad = opacity_grad = 0.0
+        for y in range(by0, by1):
+            if k > row_last[y]:  # this row's pixels all stopped in front of k
+                continue
+            for x in range(bx0, bx1):
+                py, px = y0 + y, x0 + x
+                if k > last_entry[c, py, px]:
+                    continue
+                alpha, vis, dx, dy = _pair(mx, my, a, b, cc, opacity, sigma_cut, px, py)
+                if alpha == 0.0:
+                    continue
+                T[y, x] /= 1.0 - alpha  # the transmittance in front of this Gaussian
+                weight = alpha * T[y, x]
+                grad_dot_feature = 0.0
+                for d in range(n_features):
+                    grad_dot_feature += grad_image[c, py, px, d] * features[c, g, d]
+                    entry_grads[k, FEATURE_START + d] += weight * grad_image[c, py, px, d]
+                # alpha image = 1 - T_end, and d T_end / d alpha = -T_end / (1 - alpha)
+                alpha_img_grad = grad_alpha[c, py, px, 0] * final_T[c, py, px]
+                grad_a = T[y, x] * grad_dot_feature + (alpha_img_grad - behind[y, x]) / (1.0 - alpha)
+                behind[y, x] += weight * grad_dot_feature
+                if opacity * vis > MAX_ALPHA:  # alpha clamped at 0.999: flat in opacity and sigma
+                    continue
+                grad_sigma = -grad_a * opacity * vis
+                mean_x_grad += grad_sigma * (a * dx + b * dy)
+                mean_y_grad += grad_sigma * (b * dx + cc * dy)
+                a_grad += grad_sigma * 0.5 * dx * dx
+                b_grad += grad_sigma * dx * dy
+                c_grad += grad_sigma * 0.5 * dy * dy
+                opacity_grad += grad_a * vis
+        entry_grads[k, 0], entry_grads[k, 1] = mean_x_grad, mean_y_grad
+        entry_grads[k, 2], entry_grads[k, 3], entry_grads[k, 4] = a_grad, b_grad, c_grad
+        entry_grads[k, OPACITY_COL] = opacity_grad
+
+
+@_jit_parallel
+def _backward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
+              final_T, last_entry, contributed, grad_image, grad_alpha, entry_grads):
+    """Loss gradients per list entry into ``entry_grads`` (n_entries, 6 + D): d mean2d (x, y),
+    d conic (a, b, c), d opacity, d features. Each job writes only the rows of its own tile list."""
+    for job in numba.prange(len(starts) - 1):
+        _backward_tile(np.int64(job), means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
+                       final_T, last_entry, contributed, grad_image, grad_alpha, entry_grads)
+
+
+@_jit
+def _sum_entries(entry_grads, starts, ids, n_tiles, n_gaussians):
+    """Per-Gaussian gradients (C, N, columns): the sums of their list entries."""
+    n_cameras = (len(starts) - 1) // n_tiles
+    n_columns = entry_grads.shape[1]
+    grads = np.zeros((n_cameras, n_gaussians, n_columns))
+    for c in range(n_cameras):
+        for k in range(starts[c * n_tiles], starts[(c + 1) * n_tiles]):  # camera c's tile lists
+            for j in range(n_columns):
+                grads[c, ids[k], j] += entry_grads[k, j]
+    return grads
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+class _RasterizeToPixels(torch.autograd.Function):
+    """Tile compositing with the analytic backward; the tile lists and per-pixel state of the
+    forward are kept on ``ctx`` for the replay."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, features, opacities, boxes, order, width, height):
+        gaussians = [_numpy(t) for t in (means2d, conics, features, opacities, boxes)]
+        n_cameras, _, n_features = features.shape
+        tiles_x = -(-width // TILE)
+        n_tiles = tiles_x * -(-height // TILE)
+        starts, ids = _bin_gaussians(gaussians[-1], _numpy(order), tiles_x, n_tiles)
+        # every pixel belongs to one tile, which writes all three
+        image = np.empty((n_cameras, height, width, n_features), gaussians[2].dtype)
+        final_T = np.empty((n_cameras, height, width))
+        last_entry = np.empty((n_cameras, height, width), np.int64)
+        contributed = np.zeros(len(ids), np.bool_)
+        pair_counts = np.empty(n_cameras * n_tiles, np.int64)
+        _forward(*gaussians, starts, ids, tiles_x, n_tiles, image, final_T, last_entry, contributed, pair_counts)
+        ctx.save_for_backward(means2d, conics, features, opacities, boxes)
+        ctx.tiles = (starts, ids, tiles_x, n_tiles, final_T, last_entry, contributed)
+        alpha = torch.from_numpy(1.0 - final_T[..., None]).to(features.dtype)
+        n_pairs = torch.tensor(int(pair_counts.sum()))
+        ctx.mark_non_differentiable(n_pairs)
+        return torch.from_numpy(image), alpha, n_pairs
+
+    @staticmethod
+    def backward(ctx, grad_image, grad_alpha, _):
+        means2d, conics, features, opacities, boxes = ctx.saved_tensors
+        starts, ids, tiles_x, n_tiles, final_T, last_entry, contributed = ctx.tiles
+        entry_grads = np.zeros((len(ids), FEATURE_START + features.shape[-1]))
+        _backward(*(_numpy(t) for t in (means2d, conics, features, opacities, boxes)), starts, ids, tiles_x, n_tiles,
+                  final_T, last_entry, contributed, _numpy(grad_image), _numpy(grad_alpha), entry_grads)
+        grads = torch.from_numpy(_sum_entries(entry_grads, starts, ids, n_tiles, means2d.shape[1])).to(features.dtype)
+        return (grads[..., MEAN_COLS], grads[..., CONIC_COLS], grads[..., FEATURE_START:], grads[..., OPACITY_COL],
+                None, None, None, None)
+
+
+def rasterize_to_pixels(means2d: torch.Tensor, conics: torch.Tensor, features: torch.Tensor, opacities: torch.Tensor,
+                        depths: torch.Tensor, radii: torch.Tensor, width: int, height: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Composite C cameras' projected Gaussians, differentiably (w.r.t. means2d, conics, features, opacities).
+
+    means2d (C, N, 2), conics (C, N, 3), features (C, N, D), opacities (C, N) (compensated),
+    depths (C, N), radii (C, N, 2) (0 = culled); all float tensors of one dtype on the CPU.
+    Returns image (C, H, W, D), alpha (C, H, W, 1) and the number of composited (pixel,
+    Gaussian) pairs.
+    """
+    with torch.no_grad():
+        x0, x1, y0, y1 = footprint_boxes(means2d, radii, width, height)
+        culled = (radii <= 0).any(-1)
+        boxes = torch.stack([x0, torch.where(culled, x0, x1), y0, y1], -1).to(torch.int32)
+        order = torch.argsort(depths, dim=-1, stable=True)
+    image, alpha, n_pairs = _RasterizeToPixels.apply(means2d, conics, features, opacities, boxes, order, width, height)
+    return image, alpha, int(n_pairs)
