@@ -32,13 +32,13 @@ sys.path.insert(0, str(REPO))
 
 from gstalker_core import __version__  # noqa: E402
 from gstalker_core.audio import compute_features, spec_for  # noqa: E402
-from gstalker_core.bundle import FORMAT_VERSION, Bundle, BundleManifest, load_bundle, save_bundle  # noqa: E402
-from gstalker_core.conditions import FrameSource  # noqa: E402
+from gstalker_core.model.bundle import FORMAT_VERSION, Bundle, BundleManifest, load_bundle, save_bundle  # noqa: E402
+from gstalker_core.data.conditions import FrameSource  # noqa: E402
 from gstalker_core.config import load_config  # noqa: E402
 from gstalker_core.dub import render_chunk  # noqa: E402
 from gstalker_core.media import VideoWriter  # noqa: E402
 from gstalker_core.render.gaussians import GaussianModel  # noqa: E402
-from gstalker_core.talking_head import TalkingHead  # noqa: E402
+from gstalker_core.model.talking_head import TalkingHead  # noqa: E402
 
 
 def synthetic_bundle(profile: str, n_gaussians: int) -> Bundle:
@@ -107,7 +107,7 @@ def peak_rss_of_dub(bundle_dir: Path, wav: Path) -> float:
 import resource, sys, tempfile
 from pathlib import Path
 sys.path.insert(0, {str(REPO)!r})
-from gstalker_core.bundle import load_bundle
+from gstalker_core.model.bundle import load_bundle
 from gstalker_core.config import DubConfig
 from gstalker_core.dub import dub
 with tempfile.TemporaryDirectory() as tmp:

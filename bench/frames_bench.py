@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from gstalker_core import ingest, media  # noqa: E402
 from gstalker_core.config import load_config  # noqa: E402
-from gstalker_core.frames import ChunkReader, ChunkWriter, VideoCodec  # noqa: E402
+from gstalker_core.data.frames import ChunkReader, ChunkWriter, VideoCodec  # noqa: E402
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -59,18 +59,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from gstalker_core import audio, evaluate, static_fit, tracking, train_deform  # noqa: E402
+from gstalker_core import audio, evaluate, tracking  # noqa: E402
+from gstalker_core.train import static_fit, train_deform  # noqa: E402
 from gstalker_core.audio import AudioFeatureSpec  # noqa: E402
-from gstalker_core.avatar import GaussianState  # noqa: E402
-from gstalker_core.bundle import fetch_bundle  # noqa: E402
-from gstalker_core.conditions import FrameSource  # noqa: E402
+from gstalker_core.model.avatar import GaussianState  # noqa: E402
+from gstalker_core.model.bundle import fetch_bundle  # noqa: E402
+from gstalker_core.data.conditions import FrameSource  # noqa: E402
 from gstalker_core.config import PipelineConfig, load_config  # noqa: E402
 from gstalker_core.dub import render_chunk  # noqa: E402
 from gstalker_core.metrics import psnr_of_mse  # noqa: E402
 from gstalker_core.render.gaussians import GaussianModel  # noqa: E402
 from gstalker_core.runtime import configure  # noqa: E402
 from gstalker_core.storage import ArtifactStore, StageManifest, fetch_part, find_stage, open_store  # noqa: E402
-from gstalker_core.talking_head import TalkingHead  # noqa: E402
+from gstalker_core.model.talking_head import TalkingHead  # noqa: E402
 from gstalker_core.tracking import SpeakerDataset  # noqa: E402
 from prepare_gpu_payload import DEFAULT_CLIP, DEFAULT_OUT, PAYLOAD_FILE, prepare_store  # noqa: E402
 

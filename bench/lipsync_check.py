@@ -21,7 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gstalker_core import lipsync  # noqa: E402
+from gstalker_core.metrics import lipsync  # noqa: E402
 from gstalker_core.config import TrackConfig  # noqa: E402
 from gstalker_core.media import decode_audio, probe, stream_frames  # noqa: E402
 from gstalker_core.tracking.landmarks import MediapipeFaceMesh  # noqa: E402

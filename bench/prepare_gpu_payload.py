@@ -57,7 +57,7 @@ LIMIT_MIB = 60
 CARRIED: dict[str, str | None] = {
     "gsplat": "1.5.3",  # CUDA rasteriser; compiles its kernels on the box at first use
     "imageio-ffmpeg": "0.6.0",  # its ffmpeg binary decodes the stored H.264 frame chunks
-    "ffmpeg-python": None, "future": None,  # gstalker_core.frames drives ffmpeg through it
+    "ffmpeg-python": None, "future": None,  # gstalker_core.data.frames drives ffmpeg through it
     "pydantic": None, "pydantic-core": None, "annotated-types": None, "typing-inspection": None,  # config, manifests
     # gstalker_core.audio imports librosa; these are its imports the box lacks
     "librosa": None, "soundfile": None, "cffi": None, "pycparser": None, "soxr": None, "audioread": None,
@@ -224,7 +224,7 @@ def git_commit() -> str:
 def check_carried_ffmpeg(wheels: Path, store: Path) -> bool:
     """Decode one stored frame chunk with the carried wheel's ffmpeg and with this machine's:
     H.264 decoding is exact, so the frames must be equal. Prints the outcome."""
-    from gstalker_core.frames import decode_video_chunk
+    from gstalker_core.data.frames import decode_video_chunk
 
     chunk = next(store.rglob("frames_00000.mkv"))
     resolution = json.loads((store.parent / PAYLOAD_FILE).read_text())["resolution"]

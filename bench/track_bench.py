@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gstalker_core import media  # noqa: E402
-from gstalker_core.frames import ChunkReader, ChunkWriter  # noqa: E402
+from gstalker_core.data.frames import ChunkReader, ChunkWriter  # noqa: E402
 from gstalker_core.tracking import TrackConfig, track_clip  # noqa: E402
 
 CHUNK = 100

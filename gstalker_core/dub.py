@@ -23,9 +23,9 @@ from pydantic import BaseModel
 
 from . import media
 from .audio import Signal, check_spec, compute_features, spec_for
-from .avatar import render_avatar
-from .bundle import Bundle
-from .conditions import FrameSource, to_device
+from .model.avatar import render_avatar
+from .model.bundle import Bundle
+from .data.conditions import FrameSource, to_device
 from .config import AudioConfig, DubConfig, PipelineConfig
 from .errors import InputError
 from .dub_motion import pose_track_indices
@@ -33,7 +33,7 @@ from .speakers import load_speaker, lookup
 from .storage import ArtifactStore, content_key, sha256_file
 from .storage.uploads import fetch_media, resolve_media
 from .runtime import configure
-from .talking_head import CanonicalCodes, TalkingHead
+from .model.talking_head import CanonicalCodes, TalkingHead
 
 Progress = Callable[[int, Optional[int]], None]
 SILENCE_DBFS = -60.0

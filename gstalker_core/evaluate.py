@@ -24,16 +24,18 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from . import audio, ingest, lipsync, static_fit, tracking
-from .avatar import GaussianState, render_avatar
-from .bundle import fetch_bundle
-from .conditions import FrameSource, to_device
+from . import audio, ingest, tracking
+from .metrics import lipsync
+from .train import static_fit
+from .model.avatar import GaussianState, render_avatar
+from .model.bundle import fetch_bundle
+from .data.conditions import FrameSource, to_device
 from .config import PipelineConfig, TrackConfig
 from .media import VideoWriter
 from .render.gaussians import GaussianModel
 from .metrics import ssim
 from .runtime import configure
-from .talking_head import CanonicalCodes, TalkingHead
+from .model.talking_head import CanonicalCodes, TalkingHead
 from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
 from .tracking import SpeakerDataset
 from .tracking.landmarks import FACE_OVAL, MediapipeFaceMesh

@@ -7,7 +7,7 @@ Two streaming passes over the source, so memory is bounded whatever its length a
 2. the crop is decoded at 25 fps, scaled to ``resolution`` and written in chunks.
 
 Stage parts: ``frames_<chunk>.mkv`` (H.264-in-RGB or FFV1 video chunks, see
-``gstalker_core.frames``) and ``audio.wav`` (16 kHz mono PCM s16). Stage meta:
+``gstalker_core.data.frames``) and ``audio.wav`` (16 kHz mono PCM s16). Stage meta:
 ``IngestManifest``. Stages stored before video chunks (``frames_<chunk>.npz``) are still
 read; their key differs (the codec settings are part of the ingest config), so a new run
 builds the new form.
@@ -25,7 +25,7 @@ from pydantic import BaseModel
 from . import media
 from .config import IngestConfig, PipelineConfig
 from .errors import InputError
-from .frames import ChunkReader, ChunkWriter, VideoCodec
+from .data.frames import ChunkReader, ChunkWriter, VideoCodec
 from .mediapipe_models import solutions
 from .storage.uploads import fetch_media
 from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, fetch_stage, run_stage, sha256_file

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from .errors import InputError
 from .naming import validate_speaker
-from .bundle import Bundle, fetch_bundle
+from .model.bundle import Bundle, fetch_bundle
 from .storage import ArtifactStore, StageManifest, find_stage
 
 ROOT = "speakers"
@@ -53,7 +53,7 @@ def lookup(store: ArtifactStore, speaker: str) -> SpeakerModel:
 
 def load_speaker(store: ArtifactStore, speaker: str, cache_dir: Path) -> Bundle:
     """The published model bundle of ``speaker``."""
-    from .train_deform import STAGE
+    from .train.train_deform import STAGE
 
     entry = lookup(store, speaker)
     run = find_stage(store, STAGE, entry.bundle_key)

@@ -17,7 +17,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
 
-from gstalker_core import audio, evaluate, ingest, speakers, static_fit, tracking, train_deform
+from gstalker_core import audio, evaluate, ingest, speakers, tracking
+from gstalker_core.train import static_fit, train_deform
 from gstalker_core.config import PipelineConfig
 from gstalker_core.runtime import on_gpu
 from gstalker_core.errors import ConfigError, InputError, StorageError

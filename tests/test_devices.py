@@ -19,17 +19,19 @@ import numpy as np
 import pytest
 import torch
 
-from gstalker_core import avatar, evaluate, runtime, static_fit, tracking, train_deform
+from gstalker_core.model import avatar
+from gstalker_core import evaluate, runtime, tracking
+from gstalker_core.train import static_fit, train_deform
 from gstalker_core.audio import load_features
-from gstalker_core.avatar import GaussianState
-from gstalker_core.conditions import FrameSource
+from gstalker_core.model.avatar import GaussianState
+from gstalker_core.data.conditions import FrameSource
 from gstalker_core.config import RuntimeConfig, load_config
 from gstalker_core.dub import render_chunk
 from gstalker_core.errors import ConfigError, InputError
 from gstalker_core.render.gaussians import GaussianModel
 from gstalker_core.storage import LocalStore, fetch_part
 from gstalker_core.storage.checkpoints import Checkpoints
-from gstalker_core.talking_head import TalkingHead
+from gstalker_core.model.talking_head import TalkingHead
 from tasks.gpu import claim_gpu
 
 META = torch.device("meta")

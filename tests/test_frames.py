@@ -9,7 +9,7 @@ import pytest
 from gstalker_core import ingest
 from gstalker_core.config import load_config
 from gstalker_core.errors import StorageError
-from gstalker_core.frames import ChunkReader, ChunkWriter, VideoCodec, chunk_name
+from gstalker_core.data.frames import ChunkReader, ChunkWriter, VideoCodec, chunk_name
 from gstalker_core.storage import open_store
 from tests.fixtures.media import render_frames
 

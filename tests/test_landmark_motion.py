@@ -14,11 +14,11 @@ from gstalker_core.config import GaussianConfig, TrainConfig
 from gstalker_core.deform import DeformConfig
 from gstalker_core.deform.landmark_motion import canonical_offsets
 from gstalker_core.errors import InputError
-from gstalker_core.lipsync import pearson
-from gstalker_core.talking_head import TalkingHead
+from gstalker_core.metrics.lipsync import pearson
+from gstalker_core.model.talking_head import TalkingHead
 from gstalker_core.render.gaussians import GaussianModel
-from gstalker_core.conditions import FrameSource
-from gstalker_core.train_deform import LandmarkGuide
+from gstalker_core.data.conditions import FrameSource
+from gstalker_core.train.train_deform import LandmarkGuide
 
 K = np.array([[300.0, 0, 64], [0, 300.0, 64], [0, 0, 1]])
 

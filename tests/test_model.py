@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from gstalker_core import audio, evaluate, static_fit, tracking
-from gstalker_core.bundle import fetch_bundle, load_bundle, save_bundle
-from gstalker_core.conditions import FrameSource
+from gstalker_core import audio, evaluate, tracking
+from gstalker_core.train import static_fit
+from gstalker_core.model.bundle import fetch_bundle, load_bundle, save_bundle
+from gstalker_core.data.conditions import FrameSource
 from gstalker_core.errors import InputError
 from gstalker_core.render.gaussians import GaussianModel
 from gstalker_core.storage import LocalStore, fetch_part
 from gstalker_core.storage.checkpoints import Checkpoints
-from gstalker_core.talking_head import NO_FRAME, FrameConditions, TalkingHead
-from gstalker_core.train_deform import make_optimizer, set_learning_rates, train_deformation
+from gstalker_core.model.talking_head import NO_FRAME, FrameConditions, TalkingHead
+from gstalker_core.train.train_deform import make_optimizer, set_learning_rates, train_deformation
 
 
 def _conditions(model, features, frames, viewmat):
@@ -48,7 +49,7 @@ def test_audio_drives_the_face_only_and_silence_keeps_it_still(tiny_speaker):
 
 
 def test_bundle_saved_and_loaded_renders_identical_frames(tiny_speaker, tmp_path):
-    from gstalker_core.avatar import render_avatar
+    from gstalker_core.model.avatar import render_avatar
 
     bundle = fetch_bundle(tiny_speaker.store, tiny_speaker.bundle, tiny_speaker.cfg.cache_dir)
     copy = load_bundle(save_bundle(bundle, tmp_path / "bundle"))

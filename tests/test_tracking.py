@@ -21,7 +21,7 @@ from gstalker_core.tracking import pose
 from gstalker_core.tracking.landmarks import CHIN, FOREHEAD, make_backend
 from gstalker_core.tracking.plate import background_plate
 from gstalker_core.tracking.track import LABELS, PLATE, QA_VIDEO
-from gstalker_core.frames import ChunkReader
+from gstalker_core.data.frames import ChunkReader
 
 FACE_CENTRE = (224.0, 130.0)  # astronaut(): between the eyes, a little low (hair above)
 MOUTH_CENTRE, MOUTH_WIDTH = (223, 147), 43  # astronaut(): the lips (she smiles, teeth showing)
@@ -211,7 +211,7 @@ def test_short_gap_is_interpolated_and_marked(tmp_path):
 def test_hand_over_the_mouth_is_marked_and_left_out_of_training(tmp_path):
     """FaceMesh still returns a mesh under the hand (a closed-mouth guess, pose intact): the
     frames stay valid, are marked mouth-covered, named in a warning and never drawn for training."""
-    from gstalker_core.lipsync import mouth_opening
+    from gstalker_core.metrics.lipsync import mouth_opening
 
     n, size, covered = 50, 128, range(20, 30)
     hand = hand_over_mouth(astronaut())

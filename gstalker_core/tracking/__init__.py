@@ -12,7 +12,7 @@ from importlib import import_module
 _EXPORTS = {
     "TrackConfig": "..config",
     "TrackManifest": ".track", "FrameRange": ".track", "track_clip": ".track", "QA_VIDEO": ".track", "PLATE": ".track",
-    "SpeakerDataset": ".dataset", "Sample": ".dataset", "TrackArrays": ".dataset",
+    "SpeakerDataset": "..data.dataset", "Sample": "..data.dataset", "TrackArrays": "..data.dataset",
     "compose_targets": ".parsing", "BACKGROUND": ".parsing", "HEAD": ".parsing", "NECK": ".parsing",
     "TORSO": ".parsing",
     "write_qa_video": ".qa",

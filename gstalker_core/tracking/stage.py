@@ -11,9 +11,9 @@ from pathlib import Path
 
 from .. import ingest
 from ..config import PipelineConfig
-from ..frames import ChunkReader
+from ..data.frames import ChunkReader
 from ..storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_stage, run_stage
-from .dataset import SpeakerDataset, TrackArrays
+from ..data.dataset import SpeakerDataset, TrackArrays
 from .track import LABELS, Progress, TrackManifest, track_clip
 
 STAGE = "track"

@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from ..errors import InputError
-from ..frames import ChunkReader, ChunkWriter
+from ..data.frames import ChunkReader, ChunkWriter
 from ..mediapipe_models import solutions
 from . import pose
 from .blink import eye_aspect_ratio, normalise_blink

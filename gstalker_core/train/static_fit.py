@@ -21,16 +21,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from . import tracking
-from .avatar import GaussianState, Layers, render_avatar
-from .conditions import FrameSource
-from .config import PipelineConfig, StaticFitConfig
-from .metrics import photometric_loss, psnr
-from .render.gaussians import GaussianModel
-from .runtime import configure
-from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
-from .storage.checkpoints import Checkpoints
-from .tracking import SpeakerDataset
+from .. import tracking
+from ..model.avatar import GaussianState, Layers, render_avatar
+from ..data.conditions import FrameSource
+from ..config import PipelineConfig, StaticFitConfig
+from ..metrics import photometric_loss, psnr
+from ..render.gaussians import GaussianModel
+from ..runtime import configure
+from ..storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
+from ..storage.checkpoints import Checkpoints
+from ..tracking import SpeakerDataset
 
 STAGE = "static"
 CODE_VERSION = "1"

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .avatar import GaussianState
-from .config import DeformConfig
-from .deform import AudioEncoder, FaceDeformField, TorsoDeformField, pose_condition, reference_pose
-from .render.gaussians import GaussianModel
+from ..config import DeformConfig
+from ..deform import AudioEncoder, FaceDeformField, TorsoDeformField, pose_condition, reference_pose
+from ..render.gaussians import GaussianModel
 
 
 @dataclass

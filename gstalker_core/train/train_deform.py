@@ -25,22 +25,22 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from . import __version__, audio, tracking
-from .avatar import render_avatar
-from .bundle import FORMAT_VERSION, Bundle, BundleManifest, save_bundle
-from .conditions import FrameSource, to_device
-from .config import PipelineConfig, TrainConfig
-from .deform.landmark_motion import canonical_offsets, guide_loss
-from .errors import InputError
-from .lipsync import MOUTH_POINTS
-from .metrics import psnr_of_mse
-from .render.gaussians import GaussianModel
-from .runtime import configure
+from .. import __version__, audio, tracking
+from ..model.avatar import render_avatar
+from ..model.bundle import FORMAT_VERSION, Bundle, BundleManifest, save_bundle
+from ..data.conditions import FrameSource, to_device
+from ..config import PipelineConfig, TrainConfig
+from ..deform.landmark_motion import canonical_offsets, guide_loss
+from ..errors import InputError
+from ..metrics.lipsync import MOUTH_POINTS
+from ..metrics import psnr_of_mse
+from ..render.gaussians import GaussianModel
+from ..runtime import configure
 from .static_fit import HEAD, TORSO, layer_losses, read_plate
-from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
-from .storage.checkpoints import Checkpoints
-from .talking_head import TalkingHead
-from .tracking import SpeakerDataset
+from ..storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
+from ..storage.checkpoints import Checkpoints
+from ..model.talking_head import TalkingHead
+from ..tracking import SpeakerDataset
 
 STAGE = "deform"
 CODE_VERSION = "4"  # 2: audio features standardised, bounded audio code; 3: landmark guide;

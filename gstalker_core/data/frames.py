@@ -23,7 +23,7 @@ from typing import Iterator, Literal
 import ffmpeg
 import numpy as np
 
-from .errors import StorageError
+from ..errors import StorageError
 
 ARRAY_SUFFIX, VIDEO_SUFFIX = ".npz", ".mkv"
 

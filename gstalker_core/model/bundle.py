@@ -23,12 +23,12 @@ import torch
 from pydantic import BaseModel, ValidationError
 from safetensors.torch import load_file, save_file
 
-from . import __version__
-from .audio import AudioFeatureSpec
-from .config import DeformConfig
-from .errors import InputError
-from .render.gaussians import GaussianModel
-from .storage import ArtifactStore, StageManifest, fetch_stage
+from .. import __version__
+from ..audio import AudioFeatureSpec
+from ..config import DeformConfig
+from ..errors import InputError
+from ..render.gaussians import GaussianModel
+from ..storage import ArtifactStore, StageManifest, fetch_stage
 from .talking_head import TalkingHead
 
 FORMAT_VERSION = 1  # the files and manifest schema; network contents are checked key by key on load

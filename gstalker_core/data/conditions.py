@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import InputError
-from .talking_head import NO_FRAME, FrameConditions, TalkingHead, eye_openness
-from .tracking import compose_targets
+from ..errors import InputError
+from ..model.talking_head import NO_FRAME, FrameConditions, TalkingHead, eye_openness
+from ..tracking import compose_targets
 
 
 def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .render.gaussians import GaussianModel
-from .render.rasterize import rasterization
+from ..render.gaussians import GaussianModel
+from ..render.rasterize import rasterization
 
 
 @dataclass

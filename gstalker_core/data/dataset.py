@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from ..audio import frame_windows
-from ..frames import ChunkReader
-from .track import BLINK, INTRINSICS, LANDMARKS, MOUTH_COVERED, TEMPLATE, VALID, VIEWMATS, TrackManifest
+from .frames import ChunkReader
+from ..tracking.track import BLINK, INTRINSICS, LANDMARKS, MOUTH_COVERED, TEMPLATE, VALID, VIEWMATS, TrackManifest
 
 
 @dataclass

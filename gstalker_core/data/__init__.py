@@ -1,0 +1,1 @@
+"""The data path's inputs: stored frames, the training dataset, per-frame tensors on a device."""

@@ -1,0 +1,1 @@
+"""Training: the static fit of the Gaussians, then the deformation."""
