@@ -81,17 +81,20 @@ def sh_colors(degree: int, dirs: torch.Tensor, coeffs: torch.Tensor) -> torch.Te
 def project(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Tensor, viewmat: torch.Tensor,
             K: torch.Tensor, width: int, height: int, eps2d: float, near: float, far: float, antialiased: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """EWA projection of N Gaussians into one camera.
+    """EWA projection of N Gaussians into one camera (``viewmat`` (4, 4), ``K`` (3, 3)), or into
+    C cameras at once (``viewmat`` (C, 4, 4), ``K`` (C, 3, 3); Gaussians shared (N, ...) or per
+    camera (C, N, ...)): one vectorised pass instead of a Python loop over cameras.
 
-    Returns means2d (N, 2), conics (N, 3) [a, b, c] of the blurred inverse covariance,
-    depths (N,), radii (N, 2) int (0 = culled), the opacities used for compositing (times
-    the antialiasing compensation) and the valid mask (N,).
+    Returns means2d (..., N, 2), conics (..., N, 3) [a, b, c] of the blurred inverse
+    covariance, depths (..., N), radii (..., N, 2) int (0 = culled), the opacities used for
+    compositing (times the antialiasing compensation) and the valid mask (..., N).
     """
-    R, t = viewmat[:3, :3], viewmat[:3, 3]
-    mean_c = means @ R.T + t
-    cov_c = R @ covars @ R.T
+    R, t = viewmat[..., :3, :3], viewmat[..., :3, 3]
+    mean_c = means @ R.transpose(-1, -2) + t[..., None, :]
+    R_each = R[..., None, :, :]  # one rotation per camera, broadcast over its Gaussians
+    cov_c = R_each @ covars @ R_each.transpose(-1, -2)
     x, y, z = mean_c.unbind(-1)
-    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+    fx, fy, cx, cy = (K[..., i, j, None] for i, j in ((0, 0), (1, 1), (0, 2), (1, 2)))
     in_depth = (z >= near) & (z <= far)
     zs = torch.where(in_depth, z, torch.ones_like(z))  # keep culled rows finite for autograd
     tan_x, tan_y = 0.5 * width / fx, 0.5 * height / fy
@@ -99,10 +102,10 @@ def project(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Tensor, 
     ty = zs * torch.clamp(y / zs, -(cy / fy + 0.3 * tan_y), (height - cy) / fy + 0.3 * tan_y)
     zero = torch.zeros_like(zs)
     J = torch.stack([torch.stack([fx / zs, zero, -fx * tx / zs ** 2], -1),
-                     torch.stack([zero, fy / zs, -fy * ty / zs ** 2], -1)], dim=-2)  # (N, 2, 3)
+                     torch.stack([zero, fy / zs, -fy * ty / zs ** 2], -1)], dim=-2)  # (..., N, 2, 3)
     cov2d = J @ cov_c @ J.transpose(-1, -2)
     means2d = torch.stack([fx * x / zs + cx, fy * y / zs + cy], -1)
-    a, b, c = cov2d[:, 0, 0], cov2d[:, 0, 1], cov2d[:, 1, 1]
+    a, b, c = cov2d[..., 0, 0], cov2d[..., 0, 1], cov2d[..., 1, 1]
     det_orig = a * c - b * b
     a, c = a + eps2d, c + eps2d
     det = a * c - b * b
@@ -116,12 +119,12 @@ def project(means: torch.Tensor, covars: torch.Tensor, opacities: torch.Tensor, 
         o = opacities.detach()
         valid = valid & (o >= ALPHA_THRESHOLD)
         extend = torch.clamp(torch.sqrt(2 * torch.log(torch.clamp_min(o / ALPHA_THRESHOLD, 1.0))), max=FOOTPRINT_SIGMAS)
-        radii = torch.ceil(extend[:, None] * torch.sqrt(torch.stack([a, c], -1).detach().clamp_min(0)))
-        on_screen = ((means2d[:, 0] + radii[:, 0] > 0) & (means2d[:, 0] - radii[:, 0] < width)
-                     & (means2d[:, 1] + radii[:, 1] > 0) & (means2d[:, 1] - radii[:, 1] < height))
+        radii = torch.ceil(extend[..., None] * torch.sqrt(torch.stack([a, c], -1).detach().clamp_min(0)))
+        on_screen = ((means2d[..., 0] + radii[..., 0] > 0) & (means2d[..., 0] - radii[..., 0] < width)
+                     & (means2d[..., 1] + radii[..., 1] > 0) & (means2d[..., 1] - radii[..., 1] < height))
         valid = valid & on_screen & (radii > 0).all(-1)
-        radii = torch.where(valid[:, None], radii, torch.zeros_like(radii)).long()
-    return means2d, conics, z, radii, opacities, valid
+        radii = torch.where(valid[..., None], radii, torch.zeros_like(radii)).long()
+    return means2d, conics, z, radii, opacities.expand(z.shape), valid
 
 
 def footprint_boxes(means2d: torch.Tensor, radii: torch.Tensor, width: int, height: int) -> tuple[torch.Tensor, ...]:
@@ -216,24 +219,25 @@ def _project_camera(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tens
                     colors: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, near: float,
                     far: float, eps2d: float, sh_degree: int | None, render_mode: RenderMode, antialiased: bool
                     ) -> tuple[torch.Tensor, ...]:
-    """Everything per Gaussian that one camera needs, shared by the torch and numba backends.
+    """Everything per Gaussian that one camera (or C cameras at once, as ``project``) needs,
+    shared by the torch and numba backends.
 
     Returns ``project``'s means2d, conics, depths, radii, opacities and valid mask, then the
-    features to composite (N, D): colours, plus the depth channel in the depth render modes.
+    features to composite (..., N, D): colours, plus the depth channel in the depth render modes.
     """
     Rg = quat_to_rotmat(quats)
-    M = Rg * scales[:, None, :]
+    M = Rg * scales[..., None, :]
     covars = M @ M.transpose(-1, -2)
     means2d, conics, depths, radii, opac, valid = project(means, covars, opacities, viewmat, K, width, height, eps2d,
                                                           near, far, antialiased)
     if sh_degree is not None:
-        campos = -viewmat[:3, :3].T @ viewmat[:3, 3]
-        rgb = sh_colors(sh_degree, means - campos, colors)
+        campos = -(viewmat[..., :3, :3].transpose(-1, -2) @ viewmat[..., :3, 3, None])[..., 0]
+        rgb = sh_colors(sh_degree, means - campos[..., None, :], colors)
     else:
         rgb = colors
-    channels = [rgb]
+    channels = [rgb.expand(*depths.shape, rgb.shape[-1])]
     if render_mode in ("RGB+D", "RGB+ED"):
-        channels.append(depths[:, None])
+        channels.append(depths[..., None])
     return means2d, conics, depths, radii, opac, valid, torch.cat(channels, -1)
 
 
@@ -315,7 +319,7 @@ def rasterization(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor
                                  far_plane, sh_degree, backgrounds, render_mode, eps2d, rasterize_mode)
     gaussians = (means, quats, scales, opacities, colors)
     if backend == "numba":
-        return _rasterize_numba(gaussians, batched, viewmats, Ks, width, height, near_plane, far_plane, eps2d,
+        return _rasterize_numba(gaussians, viewmats, Ks, width, height, near_plane, far_plane, eps2d,
                                 sh_degree, backgrounds, render_mode, rasterize_mode == "antialiased")
     images, alphas, metas = [], [], []
     for c in range(len(viewmats)):
@@ -338,18 +342,18 @@ def _camera_gaussians(gaussians: tuple[torch.Tensor, ...], c: int, batched: bool
     return tuple(t[c] for t in gaussians) if batched else gaussians
 
 
-def _rasterize_numba(gaussians: tuple[torch.Tensor, ...], batched: bool, viewmats: torch.Tensor, Ks: torch.Tensor,
+def _rasterize_numba(gaussians: tuple[torch.Tensor, ...], viewmats: torch.Tensor, Ks: torch.Tensor,
                      width: int, height: int, near: float, far: float, eps2d: float, sh_degree: int | None,
                      backgrounds: torch.Tensor | None, render_mode: RenderMode, antialiased: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Projection and colours by autograd (``_project_camera``), 2D compositing in numba tiles."""
+    """Projection and colours by autograd (``_project_camera``, all cameras in one vectorised
+    pass), 2D compositing in numba tiles."""
     if gaussians[0].is_cuda:
         raise ValueError("the numba backend needs CPU tensors; use backend='gsplat' or 'torch' on CUDA")
     from . import cpu_tiles  # numba is imported only when this backend runs
 
-    per_camera = [_project_camera(*_camera_gaussians(gaussians, c, batched), viewmats[c], Ks[c], width, height, near,
-                                  far, eps2d, sh_degree, render_mode, antialiased) for c in range(len(viewmats))]
-    means2d, conics, depths, radii, opac, _, feats = (torch.stack(parts) for parts in zip(*per_camera))
+    means2d, conics, depths, radii, opac, _, feats = _project_camera(*gaussians, viewmats, Ks, width, height, near, far,
+                                                                     eps2d, sh_degree, render_mode, antialiased)
     if means2d.requires_grad:
         means2d.retain_grad()
     image, alpha, n_pairs = cpu_tiles.rasterize_to_pixels(means2d, conics, feats, opac, depths, radii, width, height)
