@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from gstalker_core.render.rasterize import means2d_grads, rasterization
+from tests.fixtures.scenes import random_scene
 
 W, H = 40, 36
 IMAGE_ATOL = 1e-5
@@ -20,18 +21,7 @@ NAMES = ("means", "quats", "scales", "opacities", "colors")
 
 
 def _scene(n=24, seed=0, sh_coeffs=None, dtype=torch.float32):
-    """Overlapping Gaussians 2 units in front of the camera; colours plain or ``sh_coeffs`` SH coefficients."""
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(n, 3, generator=g, dtype=dtype) * torch.tensor([0.3, 0.3, 0.2], dtype=dtype)
-    means[:, 2] += 2.0
-    quats = torch.randn(n, 4, generator=g, dtype=dtype)
-    scales = torch.rand(n, 3, generator=g, dtype=dtype) * 0.12 + 0.03
-    opacities = torch.rand(n, generator=g, dtype=dtype) * 0.8 + 0.15
-    if sh_coeffs is None:
-        colors = torch.rand(n, 3, generator=g, dtype=dtype)
-    else:
-        colors = torch.randn(n, sh_coeffs, 3, generator=g, dtype=dtype) * 0.4
-    return [means, quats, scales, opacities, colors]
+    return random_scene(n, seed, dtype, sh_coeffs)
 
 
 def _cameras(n=1, dtype=torch.float32, width=W, height=H):

@@ -9,19 +9,13 @@ import torch
 
 from gstalker_core.render.rasterize import (ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE, project, quat_to_rotmat,
                                             rasterization, sh_colors)
+from tests.fixtures.scenes import random_scene
 
 W = H = 24
 
 
 def _scene(n=12, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    means = torch.randn(n, 3, generator=g, dtype=dtype) * torch.tensor([0.3, 0.3, 0.2], dtype=dtype)
-    means[:, 2] += 2.0
-    quats = torch.randn(n, 4, generator=g, dtype=dtype)
-    scales = torch.rand(n, 3, generator=g, dtype=dtype) * 0.12 + 0.03
-    opacities = torch.rand(n, generator=g, dtype=dtype) * 0.8 + 0.15
-    colors = torch.rand(n, 3, generator=g, dtype=dtype)
-    return means, quats, scales, opacities, colors
+    return random_scene(n, seed, dtype)
 
 
 def _camera(dtype=torch.float64):
