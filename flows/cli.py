@@ -22,6 +22,7 @@ from rich.table import Table
 from flows import HEARTBEAT_FREQUENCY_S
 from gstalker_core import __version__
 from gstalker_core.config import PipelineConfig, load_config
+from gstalker_core.runtime import select_device
 from gstalker_core.errors import ConfigError, GstalkerError
 
 if TYPE_CHECKING:
@@ -192,7 +193,8 @@ def train(video: str = typer.Argument(..., help="local path or s3:// URL of the 
     from gstalker_core.naming import validate_speaker
 
     validate_speaker(speaker)
-    _config(profile, config, set_, store)  # fail on bad config before starting Prefect
+    cfg = _config(profile, config, set_, store)  # fail on bad config before starting Prefect
+    select_device(cfg.runtime)  # and on a device this machine lacks, before any stage runs
     _check_prefect_api()
     from flows.train_speaker import train_speaker
     from tasks.stages import progress_shown_by
@@ -248,6 +250,7 @@ def dub(audio: str = typer.Argument(..., help="audio file (wav/mp3/m4a/..., or a
 
     validate_speaker(speaker)
     cfg = _config(profile, config, set_, store)
+    select_device(cfg.runtime)
     st = open_store(cfg)
     start = time.perf_counter()
     with _progress(f"dub {speaker}") as progress:

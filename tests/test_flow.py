@@ -195,3 +195,25 @@ def test_an_unreachable_prefect_server_is_an_error_with_its_fix(clip, tmp_path):
         assert "cannot reach the Prefect server at http://127.0.0.1:9/api" in out.stderr
         assert "fix:" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "store" / "uploads").exists()  # submit checked the server before uploading
+
+
+def test_a_gpu_asked_for_on_a_machine_without_one_is_an_error_before_any_stage(clip, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: runtime.device=cuda is valid here")
+    env = {**os.environ, "GSTALKER_HOME": str(tmp_path)}
+    env.pop("PREFECT_API_URL", None)
+    gstalker = str(Path(sys.executable).parent / "gstalker")
+    for args in (["train", str(clip("plain.mp4", seconds=2.0)), "--speaker", "x"], ["dub", "any.wav", "--speaker", "x"]):
+        out = subprocess.run([gstalker, *args, "--profile", "tiny", "--set", "runtime.device=cuda:1"], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, (args, out.stderr)
+        assert "runtime.device is 'cuda:1' but this machine's torch sees no CUDA GPU" in out.stderr
+        assert "fix:" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "store").exists()  # nothing ran, nothing was stored
