@@ -1,6 +1,6 @@
 """CPU tile rasteriser: gsplat's ``rasterize_to_pixels`` (2D compositing) in numba.
 
-Projection, SH colours and the antialiasing compensation stay in PyTorch (``rasterize``);
+Projection and the antialiasing compensation are ``cpu_project``'s, SH colours PyTorch's;
 this module composites the projected 2D Gaussians of C cameras and differentiates that
 analytically, with the cut-offs of the reference backend (``rasterize._contributing_pairs``).
 
@@ -25,8 +25,9 @@ Algorithm
 
 Threading: ``numba.prange`` runs over (camera, tile) jobs. A job writes only its own pixels
 in the forward, and in the backward only the gradient rows of its own list entries (one row
-per (tile, Gaussian) entry). A serial pass then sums the entry rows of each Gaussian (linear
-in the entries, milliseconds), so no two threads ever write the same memory.
+per (tile, Gaussian) entry that contributed to a pixel; most entries of a head lie behind an
+early stop and get none). A serial pass then sums the entry rows of each Gaussian (linear in
+the entries, milliseconds), so no two threads ever write the same memory.
 
 Precision: arrays keep the caller's dtype (float32 in training); per-pixel arithmetic,
 transmittance and gradient sums run in float64 locals. Kernels are compiled once per dtype
@@ -189,40 +190,50 @@ def _forward_tile(job, means2d, conics, features, opacities, boxes, starts, ids,
 
 
 @_jit_parallel
-def _forward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
+def _forward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles, schedule,
              image, final_T, last_entry, contributed, pair_counts):
     """Composite every tile into ``image`` (C, H, W, D); per pixel the final transmittance and
     the list entry of the last contributor (-1: none), per list entry whether it contributed,
-    per job the number of composited pairs."""
-    for job in numba.prange(len(pair_counts)):
-        # np.int64: numba types the prange index as signed, then lowers it unsigned (two compiles otherwise)
-        pair_counts[job] = _forward_tile(np.int64(job), means2d, conics, features, opacities, boxes, starts, ids,
+    per job the number of composited pairs. Jobs run in ``schedule``'s order."""
+    for i in numba.prange(len(schedule)):
+        job = schedule[i]
+        pair_counts[job] = _forward_tile(job, means2d, conics, features, opacities, boxes, starts, ids,
                                          tiles_x, n_tiles, image, final_T, last_entry, contributed)
 
 
 @_jit
 def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
-                   final_T, last_entry, contributed, grad_image, grad_alpha, entry_grads):
-    """Gradients of one (camera, tile)'s list entries, replayed back to front.
+                   final_T, last_entry, contributed, slots, grad_image, grad_alpha, entry_grads):
+    """Gradients of one (camera, tile)'s contributing list entries, replayed back to front.
 
     The tile visits the Gaussians that contributed to any of its pixels, from the latest last
     contributor to the front, each over the tile pixels of its box in front of their stop
     (entry <= the pixel's last); per pixel it carries the transmittance and the sum of what
-    lies behind.
+    lies behind. Entry k's gradients go to row ``slots[k]`` of ``entry_grads``.
     """
     n_features = grad_image.shape[3]
     c, x0, y0, tile_w, tile_h = _tile_geometry(job, n_tiles, tiles_x, grad_image.shape[2], grad_image.shape[1])
+    # the tile's per-pixel state, copied once into compact local arrays
     T = np.empty((tile_h, tile_w))
+    last = np.empty((tile_h, tile_w), np.int64)
+    grad = np.empty((tile_h, tile_w, n_features))
+    alpha_img_grad = np.empty((tile_h, tile_w))  # alpha image = 1 - T_end: d/d alpha_k = grad T_end / (1 - alpha_k)
     behind = np.zeros((tile_h, tile_w))  # per pixel: sum over the contributors behind of weight (grad . feature)
     row_last = np.full(tile_h, -1, np.int64)  # per row: the latest last contributor
     for y in range(tile_h):
         for x in range(tile_w):
-            T[y, x] = final_T[c, y0 + y, x0 + x]
-            row_last[y] = max(row_last[y], last_entry[c, y0 + y, x0 + x])
+            py, px = y0 + y, x0 + x
+            T[y, x] = final_T[c, py, px]
+            last[y, x] = last_entry[c, py, px]
+            row_last[y] = max(row_last[y], last[y, x])
+            alpha_img_grad[y, x] = grad_alpha[c, py, px, 0] * final_T[c, py, px]
+            for d in range(n_features):
+                grad[y, x, d] = grad_image[c, py, px, d]
     for k in range(row_last.max(), starts[job] - 1, -1):
         if not contributed[k]:  # behind the stop or faint on all this tile's pixels
             continue
         g = ids[k]
+        row = entry_grads[slots[k]]
         mx, my, a, b, cc, opacity, sigma_cut = _gaussian(means2d, conics, opacities, c, g)
         bx0, bx1, by0, by1 = _clip_box(boxes[c, g], x0, y0, tile_w, tile_h)
         mean_x_grad = mean_y_grad = a_grad = b_grad = c_grad = opacity_grad = 0.0
@@ -230,21 +241,18 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
             if k > row_last[y]:  # this row's pixels all stopped in front of k
                 continue
             for x in range(bx0, bx1):
-                py, px = y0 + y, x0 + x
-                if k > last_entry[c, py, px]:
+                if k > last[y, x]:
                     continue
-                alpha, vis, dx, dy = _pair(mx, my, a, b, cc, opacity, sigma_cut, px, py)
+                alpha, vis, dx, dy = _pair(mx, my, a, b, cc, opacity, sigma_cut, x0 + x, y0 + y)
                 if alpha == 0.0:
                     continue
                 T[y, x] /= 1.0 - alpha  # the transmittance in front of this Gaussian
                 weight = alpha * T[y, x]
                 grad_dot_feature = 0.0
                 for d in range(n_features):
-                    grad_dot_feature += grad_image[c, py, px, d] * features[c, g, d]
-                    entry_grads[k, FEATURE_START + d] += weight * grad_image[c, py, px, d]
-                # alpha image = 1 - T_end, and d T_end / d alpha = -T_end / (1 - alpha)
-                alpha_img_grad = grad_alpha[c, py, px, 0] * final_T[c, py, px]
-                grad_a = T[y, x] * grad_dot_feature + (alpha_img_grad - behind[y, x]) / (1.0 - alpha)
+                    grad_dot_feature += grad[y, x, d] * features[c, g, d]
+                    row[FEATURE_START + d] += weight * grad[y, x, d]
+                grad_a = T[y, x] * grad_dot_feature + (alpha_img_grad[y, x] - behind[y, x]) / (1.0 - alpha)
                 behind[y, x] += weight * grad_dot_feature
                 if opacity * vis > MAX_ALPHA:  # alpha clamped at 0.999: flat in opacity and sigma
                     continue
@@ -255,32 +263,43 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
                 b_grad += grad_sigma * dx * dy
                 c_grad += grad_sigma * 0.5 * dy * dy
                 opacity_grad += grad_a * vis
-        entry_grads[k, 0], entry_grads[k, 1] = mean_x_grad, mean_y_grad
-        entry_grads[k, 2], entry_grads[k, 3], entry_grads[k, 4] = a_grad, b_grad, c_grad
-        entry_grads[k, OPACITY_COL] = opacity_grad
+        row[0], row[1] = mean_x_grad, mean_y_grad
+        row[2], row[3], row[4] = a_grad, b_grad, c_grad
+        row[OPACITY_COL] = opacity_grad
 
 
 @_jit_parallel
-def _backward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
-              final_T, last_entry, contributed, grad_image, grad_alpha, entry_grads):
-    """Loss gradients per list entry into ``entry_grads`` (n_entries, 6 + D): d mean2d (x, y),
-    d conic (a, b, c), d opacity, d features. Each job writes only the rows of its own tile list."""
-    for job in numba.prange(len(starts) - 1):
-        _backward_tile(np.int64(job), means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
-                       final_T, last_entry, contributed, grad_image, grad_alpha, entry_grads)
+def _backward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles, schedule,
+              final_T, last_entry, contributed, slots, grad_image, grad_alpha, entry_grads):
+    """Loss gradients of the contributing list entries into ``entry_grads`` (n_contributing, 6 + D):
+    d mean2d (x, y), d conic (a, b, c), d opacity, d features. Each job writes only the rows of its
+    own tile list. Jobs run in ``schedule``'s order."""
+    for i in numba.prange(len(schedule)):
+        _backward_tile(schedule[i], means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
+                       final_T, last_entry, contributed, slots, grad_image, grad_alpha, entry_grads)
 
 
 @_jit
-def _sum_entries(entry_grads, starts, ids, n_tiles, n_gaussians):
-    """Per-Gaussian gradients (C, N, columns): the sums of their list entries."""
+def _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, n_gaussians):
+    """Per-Gaussian gradients (C, N, columns): the sums of their contributing list entries."""
     n_cameras = (len(starts) - 1) // n_tiles
     n_columns = entry_grads.shape[1]
     grads = np.zeros((n_cameras, n_gaussians, n_columns))
     for c in range(n_cameras):
         for k in range(starts[c * n_tiles], starts[(c + 1) * n_tiles]):  # camera c's tile lists
-            for j in range(n_columns):
-                grads[c, ids[k], j] += entry_grads[k, j]
+            if contributed[k]:
+                for j in range(n_columns):
+                    grads[c, ids[k], j] += entry_grads[slots[k], j]
     return grads
+
+
+def _balanced_schedule(costs: np.ndarray) -> np.ndarray:
+    """An order of the jobs for ``prange``, which hands each thread one contiguous block: the
+    jobs by cost dealt round-robin into the blocks, so that every thread gets as much work (a
+    head fills the middle tiles; in plain order one thread would get most of it)."""
+    n_threads = numba.get_num_threads()
+    by_cost = np.argsort(-costs, kind="stable")
+    return np.concatenate([by_cost[t::n_threads] for t in range(n_threads)]).astype(np.int64)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -304,9 +323,10 @@ class _RasterizeToPixels(torch.autograd.Function):
         last_entry = np.empty((n_cameras, height, width), np.int64)
         contributed = np.zeros(len(ids), np.bool_)
         pair_counts = np.empty(n_cameras * n_tiles, np.int64)
-        _forward(*gaussians, starts, ids, tiles_x, n_tiles, image, final_T, last_entry, contributed, pair_counts)
+        _forward(*gaussians, starts, ids, tiles_x, n_tiles, _balanced_schedule(np.diff(starts)), image, final_T,
+                 last_entry, contributed, pair_counts)
         ctx.save_for_backward(means2d, conics, features, opacities, boxes)
-        ctx.tiles = (starts, ids, tiles_x, n_tiles, final_T, last_entry, contributed)
+        ctx.tiles = (starts, ids, tiles_x, n_tiles, pair_counts, final_T, last_entry, contributed)
         alpha = torch.from_numpy(1.0 - final_T[..., None]).to(features.dtype)
         n_pairs = torch.tensor(int(pair_counts.sum()))
         ctx.mark_non_differentiable(n_pairs)
@@ -315,11 +335,15 @@ class _RasterizeToPixels(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_image, grad_alpha, _):
         means2d, conics, features, opacities, boxes = ctx.saved_tensors
-        starts, ids, tiles_x, n_tiles, final_T, last_entry, contributed = ctx.tiles
-        entry_grads = np.zeros((len(ids), FEATURE_START + features.shape[-1]))
+        starts, ids, tiles_x, n_tiles, pair_counts, final_T, last_entry, contributed = ctx.tiles
+        # one gradient row per contributing entry (most entries lie behind an early stop)
+        slots = np.cumsum(contributed) - 1
+        entry_grads = np.zeros((int(slots[-1]) + 1 if len(slots) else 0, FEATURE_START + features.shape[-1]))
         _backward(*(_numpy(t) for t in (means2d, conics, features, opacities, boxes)), starts, ids, tiles_x, n_tiles,
-                  final_T, last_entry, contributed, _numpy(grad_image), _numpy(grad_alpha), entry_grads)
-        grads = torch.from_numpy(_sum_entries(entry_grads, starts, ids, n_tiles, means2d.shape[1])).to(features.dtype)
+                  _balanced_schedule(pair_counts), final_T, last_entry, contributed, slots, _numpy(grad_image),
+                  _numpy(grad_alpha), entry_grads)
+        grads = _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, means2d.shape[1])
+        grads = torch.from_numpy(grads).to(features.dtype)
         return (grads[..., MEAN_COLS], grads[..., CONIC_COLS], grads[..., FEATURE_START:], grads[..., OPACITY_COL],
                 None, None, None, None)
 

@@ -215,21 +215,31 @@ def _contributing_pairs(means2d: torch.Tensor, conics: torch.Tensor, opac: torch
     return gauss[sort], pix[sort]
 
 
+def torch_projection(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
+                     viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, eps2d: float, near: float,
+                     far: float, antialiased: bool) -> tuple[torch.Tensor, ...]:
+    """Covariances from quaternions and scales, then ``project``: means2d, conics, depths, radii
+    and compositing opacities, differentiable by autograd (also w.r.t. the cameras)."""
+    Rg = quat_to_rotmat(quats)
+    M = Rg * scales[..., None, :]
+    covars = M @ M.transpose(-1, -2)
+    return project(means, covars, opacities, viewmat, K, width, height, eps2d, near, far, antialiased)[:5]
+
+
 def _project_camera(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
                     colors: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, near: float,
-                    far: float, eps2d: float, sh_degree: int | None, render_mode: RenderMode, antialiased: bool
-                    ) -> tuple[torch.Tensor, ...]:
+                    far: float, eps2d: float, sh_degree: int | None, render_mode: RenderMode, antialiased: bool,
+                    projection=torch_projection) -> tuple[torch.Tensor, ...]:
     """Everything per Gaussian that one camera (or C cameras at once, as ``project``) needs,
-    shared by the torch and numba backends.
+    shared by the torch and numba backends; ``projection`` is ``torch_projection`` or its
+    fused CPU twin ``cpu_project.project``.
 
     Returns ``project``'s means2d, conics, depths, radii, opacities and valid mask, then the
     features to composite (..., N, D): colours, plus the depth channel in the depth render modes.
     """
-    Rg = quat_to_rotmat(quats)
-    M = Rg * scales[..., None, :]
-    covars = M @ M.transpose(-1, -2)
-    means2d, conics, depths, radii, opac, valid = project(means, covars, opacities, viewmat, K, width, height, eps2d,
-                                                          near, far, antialiased)
+    means2d, conics, depths, radii, opac = projection(means, quats, scales, opacities, viewmat, K, width, height, eps2d,
+                                                      near, far, antialiased)
+    valid = (radii > 0).all(-1)
     if sh_degree is not None:
         campos = -(viewmat[..., :3, :3].transpose(-1, -2) @ viewmat[..., :3, 3, None])[..., 0]
         rgb = sh_colors(sh_degree, means - campos[..., None, :], colors)
@@ -346,14 +356,17 @@ def _rasterize_numba(gaussians: tuple[torch.Tensor, ...], viewmats: torch.Tensor
                      width: int, height: int, near: float, far: float, eps2d: float, sh_degree: int | None,
                      backgrounds: torch.Tensor | None, render_mode: RenderMode, antialiased: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Projection and colours by autograd (``_project_camera``, all cameras in one vectorised
-    pass), 2D compositing in numba tiles."""
+    """Projection fused per Gaussian in numba (``cpu_project``), colours by autograd, 2D
+    compositing in numba tiles (``cpu_tiles``)."""
     if gaussians[0].is_cuda:
         raise ValueError("the numba backend needs CPU tensors; use backend='gsplat' or 'torch' on CUDA")
-    from . import cpu_tiles  # numba is imported only when this backend runs
+    from . import cpu_project, cpu_tiles  # numba is imported only when this backend runs
 
+    # the fused numba projection differentiates w.r.t. the Gaussians only: cameras being optimised take autograd's
+    projection = torch_projection if viewmats.requires_grad or Ks.requires_grad else cpu_project.project
     means2d, conics, depths, radii, opac, _, feats = _project_camera(*gaussians, viewmats, Ks, width, height, near, far,
-                                                                     eps2d, sh_degree, render_mode, antialiased)
+                                                                     eps2d, sh_degree, render_mode, antialiased,
+                                                                     projection)
     if means2d.requires_grad:
         means2d.retain_grad()
     image, alpha, n_pairs = cpu_tiles.rasterize_to_pixels(means2d, conics, feats, opac, depths, radii, width, height)
