@@ -29,7 +29,8 @@ from .errors import InputError
 from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
 
 STAGE = "audio"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: per-utterance normalisation, pitch-shifted training versions
+AUGMENTED = "augmented.npy"
 STEPS_PER_SECOND = 50
 STEPS_PER_FRAME = 2
 # Loudness normalisation target: speakers and microphones differ by tens of dB; the
@@ -56,6 +57,7 @@ class AudioFeatureSpec(BaseModel):
     fmin: float
     fmax: float
     steps_per_frame: int = STEPS_PER_FRAME
+    normalise: str = "none"  # stores from before normalisation was offered lack it
 
 
 class AudioFeaturesMeta(BaseModel):
@@ -63,13 +65,14 @@ class AudioFeaturesMeta(BaseModel):
     n_steps: int
     n_frames: int
     duration_s: float
+    augment_semitones: list[float] = []  # the pitch-shifted versions in ``augmented.npy``, in order
 
 
 def spec_for(cfg: AudioConfig, sample_rate: int) -> AudioFeatureSpec:
     return AudioFeatureSpec(
         extractor="librosa", extractor_version=librosa.__version__, kind=cfg.kind, n_features=cfg.n_features,
         sample_rate=sample_rate, hop_length=sample_rate // STEPS_PER_SECOND, n_fft=cfg.n_fft, fmin=cfg.fmin,
-        fmax=min(cfg.fmax, sample_rate / 2),
+        fmax=min(cfg.fmax, sample_rate / 2), normalise=cfg.normalise,
     )
 
 
@@ -221,7 +224,30 @@ def compute_features(samples: np.ndarray | Signal, spec: AudioFeatureSpec, n_fra
     feats = np.empty((n_steps, spec.n_features), np.float32)
     for first, piece in zip(range(0, n_steps, chunk_steps), _frame_pieces(signal, framing, n_steps, chunk_steps)):
         feats[first:first + chunk_steps] = _piece_features(piece * gain, spec)
+    if spec.normalise == "utterance":
+        feats = normalise_utterance(feats)
     return feats
+
+
+def normalise_utterance(feats: np.ndarray) -> np.ndarray:
+    """Each feature minus its mean, over its standard deviation, both taken over the utterance's
+    speech steps (loudest band energy within ``ACTIVE_DB_BELOW_PEAK`` dB of the loudest step's,
+    so that pauses do not set the scale). A voice's timbre and a microphone's colour are a
+    constant offset per band in log-mel; the mouth's movement is the part that changes."""
+    loudness = feats.max(axis=1)
+    speech = feats[loudness >= loudness.max(initial=0.0) - ACTIVE_DB_BELOW_PEAK]
+    if len(speech) < 2:  # silence or a single step: nothing to estimate from
+        speech = feats
+    mean, std = speech.mean(axis=0), speech.std(axis=0)
+    return ((feats - mean) / np.maximum(std, 1e-3)).astype(np.float32)
+
+
+def pitch_shifted_features(samples: np.ndarray, spec: AudioFeatureSpec, n_frames: int,
+                           semitones: list[float]) -> np.ndarray:
+    """(len(semitones), steps, n_features): ``compute_features`` of the audio shifted by each
+    number of semitones, frame-aligned with the original (librosa's shift keeps the duration)."""
+    return np.stack([compute_features(librosa.effects.pitch_shift(samples, sr=spec.sample_rate, n_steps=shift),
+                                      spec, n_frames=n_frames) for shift in semitones])
 
 
 def frame_windows(features: np.ndarray, frame_indices: np.ndarray | list[int], step_window: int) -> np.ndarray:
@@ -252,8 +278,11 @@ def run(store: ArtifactStore, ingest_run: StageManifest, cfg: PipelineConfig) ->
         n_frames = ingest_run.meta["n_frames"]
         feats = compute_features(signal, spec, n_frames=n_frames)
         np.save(workdir / "features.npy", feats)
-        return AudioFeaturesMeta(spec=spec, n_steps=len(feats), n_frames=n_frames,
-                                 duration_s=signal.duration_s).model_dump(mode="json")
+        if cfg.audio.augment_semitones:  # a training clip is minutes long: its samples fit in memory
+            samples = np.concatenate(list(signal.blocks()))
+            np.save(workdir / AUGMENTED, pitch_shifted_features(samples, spec, n_frames, cfg.audio.augment_semitones))
+        return AudioFeaturesMeta(spec=spec, n_steps=len(feats), n_frames=n_frames, duration_s=signal.duration_s,
+                                 augment_semitones=cfg.audio.augment_semitones).model_dump(mode="json")
 
     return run_stage(store, work(ingest_run, cfg), build, cfg.cache_dir)
 
@@ -265,3 +294,10 @@ def load_features(store: ArtifactStore, audio_run: StageManifest, cache_dir: Pat
     if expected is not None:
         check_spec(meta.spec, expected, what=f"stored features {audio_run.key}")
     return np.load(fetch_part(store, audio_run, "features.npy", cache_dir))
+
+
+def load_augmented(store: ArtifactStore, audio_run: StageManifest, cache_dir: Path) -> np.ndarray | None:
+    """The stored pitch-shifted versions (V, steps, n_features), or None where there are none."""
+    if not AudioFeaturesMeta.model_validate(audio_run.meta).augment_semitones:
+        return None
+    return np.load(fetch_part(store, audio_run, AUGMENTED, cache_dir))

@@ -75,6 +75,13 @@ class AudioConfig(Section):
     fmin: float = Field(default=55.0, ge=0)
     fmax: float = Field(default=7600.0, gt=0)
     step_window: int = Field(default=16, ge=2, description="audio steps per frame window (even)")
+    normalise: Literal["none", "utterance"] = Field(
+        default="utterance", description="per-utterance mean/variance normalisation of each feature over the "
+        "speech: removes the voice's and microphone's long-term spectrum, keeps what changes with the mouth")
+    augment_semitones: list[float] = Field(
+        default=[-4.0, -2.0, 2.0, 4.0], description="pitch shifts of the training audio (resampling shifts the "
+        "formants too, like another vocal tract); training draws one of them for half of its frames so that the "
+        "lips follow voices it never heard; empty: off")
 
     @field_validator("step_window")
     @classmethod

@@ -78,7 +78,8 @@ def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: P
     spec = bundle.manifest.audio_spec
     # the installed extractor must produce what the model was trained on (librosa version, params)
     check_spec(spec_for(AudioConfig(kind=spec.kind, n_features=spec.n_features, n_fft=spec.n_fft, fmin=spec.fmin,
-                                    fmax=spec.fmax, step_window=bundle.manifest.step_window), spec.sample_rate),
+                                    fmax=spec.fmax, step_window=bundle.manifest.step_window,
+                                    normalise=spec.normalise), spec.sample_rate),
                spec, what="the model's audio features (this install's extractor)")
     fps = bundle.manifest.fps
     with tempfile.TemporaryDirectory(dir=Path(out).parent) as workdir:  # the decoded audio, gone once featurised

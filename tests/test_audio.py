@@ -20,7 +20,8 @@ def tone_burst(start_s: float, total_s: float = 2.0, freq: float = 1000.0) -> np
 
 @pytest.fixture
 def spec():
-    return audio.spec_for(AudioConfig(n_features=40), SR)
+    """Raw log-mel in dB (no per-utterance normalisation), whose levels these tests read."""
+    return audio.spec_for(AudioConfig(n_features=40, normalise="none"), SR)
 
 
 def test_steps_are_50hz_and_two_per_video_frame(spec):
@@ -100,7 +101,8 @@ def _whole_signal_features(samples: np.ndarray, spec: audio.AudioFeatureSpec, n_
 ATOL, RTOL = 1e-4, 1e-6
 
 
-@pytest.mark.parametrize("cfg", [AudioConfig(), AudioConfig(kind="mfcc", n_features=13, n_fft=256)],
+@pytest.mark.parametrize("cfg", [AudioConfig(normalise="none"),
+                                 AudioConfig(kind="mfcc", n_features=13, n_fft=256, normalise="none")],
                          ids=["logmel-nfft800", "mfcc-nfft-below-hop"])
 @pytest.mark.parametrize("chunk_steps, block", [(37, 1000), (1, 4099), (audio.CHUNK_STEPS, audio.BLOCK_SAMPLES)])
 def test_chunked_features_equal_whole_signal_features(shared_data, cfg, chunk_steps, block):
@@ -111,3 +113,34 @@ def test_chunked_features_equal_whole_signal_features(shared_data, cfg, chunk_st
     chunked = audio.compute_features(audio.Signal.of_array(samples, SR, block=block), spec, n_frames,
                                      chunk_steps=chunk_steps)
     np.testing.assert_allclose(chunked, _whole_signal_features(samples, spec, n_frames), rtol=RTOL, atol=ATOL)
+
+
+def test_utterance_normalisation_removes_a_voice_colour(shared_data):
+    """The same speech through a fixed filter (another vocal tract or microphone colours every
+    band by a constant) gives features that differ by band offsets in raw log-mel, and nearly
+    the same features after per-utterance normalisation, which has zero mean and unit spread
+    over the speech."""
+    import scipy.signal
+
+    samples, _ = soundfile.read(shared_data / "english_speech_60s.wav", dtype="float32", frames=8 * SR)
+    coloured = scipy.signal.lfilter([1.0, -0.9], [1.0], samples).astype(np.float32)  # strong high-frequency tilt
+    raw, norm = (audio.spec_for(AudioConfig(n_features=40, normalise=mode), SR) for mode in ("none", "utterance"))
+    raw_a, raw_b = audio.compute_features(samples, raw), audio.compute_features(coloured, raw)
+    a, b = audio.compute_features(samples, norm), audio.compute_features(coloured, norm)
+    speech = raw_a.max(axis=1) >= raw_a.max() - audio.ACTIVE_DB_BELOW_PEAK
+    assert np.abs(a[speech].mean(0)).max() < 1e-3 and np.allclose(a[speech].std(0), 1.0, atol=1e-3)
+    # the gap between the two voices, in units of each feature's spread over the speech
+    raw_gap = (np.abs(raw_a - raw_b)[speech] / raw_a[speech].std(0)).mean()
+    norm_gap = np.abs(a - b)[speech].mean()
+    assert norm_gap < 0.5 * raw_gap, (norm_gap, raw_gap)
+    assert np.corrcoef(a[speech].ravel(), b[speech].ravel())[0, 1] > 0.9
+
+
+def test_pitch_shifted_versions_stay_frame_aligned(spec):
+    """Training hears pitch-shifted copies of its audio: each keeps the original's steps, and a
+    tone onset stays on its video frame."""
+    versions = audio.pitch_shifted_features(tone_burst(1.0), spec, 50, [-3.0, 3.0])
+    assert versions.shape == (2, 100, 40)
+    for feats in versions:
+        energy = feats.max(axis=1)
+        assert energy[55:].mean() - energy[:45].mean() > 30

@@ -17,6 +17,7 @@ from scipy.spatial.transform import Rotation
 from gstalker_core.errors import ConfigError, InputError
 from gstalker_core.tracking import (HEAD, NECK, TORSO, FrameRange, SpeakerDataset, TrackArrays, TrackConfig,
                                     compose_targets, track_clip)
+from gstalker_core.tracking.parsing import BEHIND_HEAD_BAND, behind_head
 from gstalker_core.tracking import pose
 from gstalker_core.tracking.landmarks import CHIN, FOREHEAD, make_backend
 from gstalker_core.tracking.plate import background_plate
@@ -299,7 +300,35 @@ def test_compose_targets_recomposes_the_frame():
     expected = np.where(labels[..., None] > 0, frame, plate) / 255.0
     assert np.allclose(full, expected, atol=1e-6)
     assert np.all(head_a[labels != HEAD] == 0)
-    assert np.allclose(torso_rgb[labels == HEAD], plate[labels == HEAD] / 255.0)  # the torso never sees the head
+    hidden_neck, _ = behind_head(labels, frame / 255.0)
+    under_head = (labels == HEAD) & ~hidden_neck
+    assert np.allclose(torso_rgb[under_head], plate[under_head] / 255.0)  # the torso never sees the head
+
+
+def test_torso_target_continues_the_neck_behind_the_chin():
+    """A head over a neck column: the torso layer's target covers the band of head rows just
+    above the neck with the neck's colour, and nothing higher up or beside the neck."""
+    size = 50
+    labels = np.zeros((size, size), np.uint8)
+    labels[5:30, 10:40] = HEAD
+    labels[30:42, 20:30] = NECK
+    labels[42:, 5:45] = TORSO
+    frame = np.zeros((size, size, 3), np.uint8)
+    frame[labels == HEAD] = (200, 150, 120)
+    frame[labels == NECK] = (180, 120, 100)
+    frame[labels == TORSO] = (20, 20, 80)
+    plate = np.full((size, size, 3), (0, 0, 255), np.uint8)
+    _, _, torso_rgb, torso_a = compose_targets(frame, labels, plate)
+    reach = round(BEHIND_HEAD_BAND * size)
+    band = np.zeros((size, size), bool)
+    band[30 - reach:30, 20:30] = True  # above the neck
+    band[30 - reach:30, 10:20] = band[30 - reach:30, 30:40] = False  # beside it the torso starts lower (row 42)
+    assert np.all(torso_a[band] == 1)
+    assert np.allclose(torso_rgb[band], np.array([180, 120, 100]) / 255.0)
+    assert np.all(torso_a[5:30 - reach, :] == 0)  # the head above the band stays the head's
+    # beside the neck the body under the head starts at row 42: that is 12 rows below the
+    # head, so there is no head pixel within reach above it and nothing is added
+    assert np.all(torso_a[:30, 10:20] == 0) and np.all(torso_a[:30, 30:40] == 0)
 
 
 def test_zero_lag_smoothing_removes_jitter_keeps_turns():

@@ -24,6 +24,10 @@ from ..model.talking_head import NO_FRAME, FrameConditions, TalkingHead, eye_ope
 from ..tracking import compose_targets
 
 
+# share of training frames that hear a pitch-shifted version of their audio
+AUGMENTED_SHARE = 0.5
+
+
 def to_device(array: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     return torch.as_tensor(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
 
@@ -36,22 +40,33 @@ class FrameSource:
     plate: torch.Tensor  # (H, W, 3) float32 in [0, 1]
     plate_rgb: np.ndarray  # (H, W, 3) uint8, the same plate for the targets
     features: np.ndarray | None  # (steps, n_features) audio features, 2 steps per frame; None: no audio
+    augmented: np.ndarray | None = None  # (V, steps, n_features) pitch-shifted versions of the training audio
 
     @classmethod
     def build(cls, viewmats: np.ndarray, blink: np.ndarray, K: np.ndarray, plate: np.ndarray,
-              device: torch.device, features: np.ndarray | None = None) -> "FrameSource":
+              device: torch.device, features: np.ndarray | None = None,
+              augmented: np.ndarray | None = None) -> "FrameSource":
         return cls(viewmats=to_device(viewmats, device, torch.float32),
                    eye=to_device(eye_openness(blink), device, torch.float32), K=to_device(K, device, torch.float32),
-                   plate=to_device(plate, device, torch.float32) / 255.0, plate_rgb=plate, features=features)
+                   plate=to_device(plate, device, torch.float32) / 255.0, plate_rgb=plate, features=features,
+                   augmented=augmented)
+
+    def draw_voices(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
+        """For ``n`` training frames, which version of their audio to hear: 0 the original (half
+        of them), k the k-th pitch-shifted one; None without shifted versions."""
+        if self.augmented is None or len(self.augmented) == 0:
+            return None
+        return np.where(rng.random(n) < AUGMENTED_SHARE, rng.integers(1, len(self.augmented) + 1, n), 0)
 
     @property
     def device(self) -> torch.device:
         return self.viewmats.device
 
-    def conditions(self, model: TalkingHead, audio_frames, poses=None, track=None) -> FrameConditions:
-        """Conditions of B frames: the audio windows around ``audio_frames``, the pose and blink
-        of pose-track frames ``poses`` (default: ``audio_frames``), the torso latents of
-        training frames ``track`` (default: none, the static torso)."""
+    def conditions(self, model: TalkingHead, audio_frames, poses=None, track=None, voices=None) -> FrameConditions:
+        """Conditions of B frames: the audio windows around ``audio_frames`` (in the versions
+        ``voices`` of ``draw_voices``, default the original), the pose and blink of pose-track
+        frames ``poses`` (default: ``audio_frames``), the torso latents of training frames
+        ``track`` (default: none, the static torso)."""
         audio_frames = np.asarray(audio_frames, dtype=np.int64)
         poses = audio_frames if poses is None else np.asarray(poses, dtype=np.int64)
         track = np.full(len(audio_frames), NO_FRAME) if track is None else np.asarray(track, dtype=np.int64)
@@ -62,8 +77,16 @@ class FrameSource:
                              f"{n_latents} training frames",
                              "build the pose track from this model's training track (pose_track_indices)")
         index = to_device(poses, self.device)
-        return FrameConditions(audio=model.audio_encoder.windows(self.features, audio_frames), eye=self.eye[index],
+        return FrameConditions(audio=self._audio_windows(model, audio_frames, voices), eye=self.eye[index],
                                viewmats=self.viewmats[index], track_frames=to_device(track, self.device))
+
+    def _audio_windows(self, model: TalkingHead, audio_frames: np.ndarray, voices: np.ndarray | None) -> torch.Tensor:
+        windows = model.audio_encoder.windows(self.features, audio_frames)
+        for voice in np.unique(voices[voices > 0]) if voices is not None else ():
+            pick = np.nonzero(voices == voice)[0]
+            windows[to_device(pick, windows.device)] = model.audio_encoder.windows(self.augmented[voice - 1],
+                                                                                 audio_frames[pick])
+        return windows
 
     def targets(self, samples) -> dict[str, torch.Tensor]:
         """(B, H, W, C) targets of dataset samples: the frame, and each layer's colour and alpha

@@ -48,13 +48,51 @@ class Parser:
         return out
 
 
+# How far (a fraction of the frame height) the torso layer's target reaches up behind the head
+# from the top of the neck/torso below it. The head moves over a still body: when it rises or
+# turns off the training poses, the pixels its chin covered must show neck, not the plate. A
+# head crop's chin travels a few percent of the frame in speech; 12% leaves a margin.
+BEHIND_HEAD_BAND = 0.12
+# neck rows averaged for the colour continued behind the head
+BEHIND_HEAD_COLOUR_ROWS = 3
+
+
+def behind_head(labels: np.ndarray, img: np.ndarray, band: float = BEHIND_HEAD_BAND
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Head pixels that the torso layer must also cover, and the colour it should show there.
+
+    Per column, the head pixels within ``band`` x H rows above the topmost neck/torso pixel
+    that lies under the head; their colour is that column's neck colour (the mean of its top
+    rows), continued upward. Returns a boolean (H, W) mask and float (H, W, 3) colours.
+    """
+    height = labels.shape[0]
+    body = (labels == NECK) | (labels == TORSO)
+    head = labels == HEAD
+    rows = np.arange(height)[:, None]
+    # the first body row under the lowest head pixel of each column
+    lowest_head = np.where(head.any(0), height - 1 - np.argmax(head[::-1], 0), -1)
+    below = body & (rows > lowest_head)
+    has_body = below.any(0) & (lowest_head >= 0)
+    top = np.argmax(below, 0)
+    reach = max(1, int(round(band * height)))
+    mask = head & has_body & (rows >= top - reach) & (rows < top)
+    colour_rows = np.clip(top + np.arange(BEHIND_HEAD_COLOUR_ROWS)[:, None], 0, height - 1)
+    cols = np.arange(labels.shape[1])
+    picked = img[colour_rows, cols]  # (rows, W, 3)
+    valid = below[colour_rows, cols][..., None]
+    colour = (picked * valid).sum(0) / np.maximum(valid.sum(0), 1)
+    return mask, np.broadcast_to(colour, img.shape)
+
+
 def compose_targets(frame: np.ndarray, labels: np.ndarray, plate: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ground truth for the head-only and torso-only renders, built on the fly in training.
 
     head_rgb: the frame's head pixels over the plate; head_alpha: 1 on head pixels.
-    torso_rgb: the frame's neck + torso pixels over the plate, head pixels replaced by the
-    plate (the torso render must not learn the head); torso_alpha: 1 on neck + torso.
+    torso_rgb: the frame's neck + torso pixels over the plate; torso_alpha: 1 on neck + torso.
+    Behind the lower head (``behind_head``) the torso target continues the neck upward, so
+    that the body has something behind the chin when the head moves; elsewhere under the head
+    it is the plate (the torso render must not learn the head).
     The full frame is recovered as head over torso over plate. Inputs: frame and plate
     (H, W, 3) uint8 or float, labels (H, W) uint8; outputs float32, colours in [0, 1].
     """
@@ -62,7 +100,8 @@ def compose_targets(frame: np.ndarray, labels: np.ndarray, plate: np.ndarray
     img = frame.astype(np.float32) / scale
     bg = plate.astype(np.float32) / (255.0 if plate.dtype == np.uint8 else 1.0)
     head_alpha = (labels == HEAD).astype(np.float32)
-    torso_alpha = ((labels == NECK) | (labels == TORSO)).astype(np.float32)
+    hidden_neck, neck_colour = behind_head(labels, img)
+    torso_alpha = ((labels == NECK) | (labels == TORSO) | hidden_neck).astype(np.float32)
     head_rgb = np.where(head_alpha[..., None] > 0, img, bg)
-    torso_rgb = np.where(torso_alpha[..., None] > 0, img, bg)
-    return head_rgb, head_alpha, torso_rgb, torso_alpha
+    torso_rgb = np.where(hidden_neck[..., None], neck_colour, np.where(torso_alpha[..., None] > 0, img, bg))
+    return head_rgb, head_alpha, torso_rgb, torso_alpha.astype(np.float32)

@@ -33,7 +33,7 @@ from ..storage.checkpoints import Checkpoints
 from ..tracking import SpeakerDataset
 
 STAGE = "static"
-CODE_VERSION = "1"
+CODE_VERSION = "2"  # 2: the torso layer continues the neck behind the chin
 HEAD, TORSO, HELDOUT = "head.safetensors", "torso.safetensors", "heldout.png"
 
 Progress = Callable[[int, Optional[int], dict], None]
@@ -68,15 +68,16 @@ def head_volume(template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def torso_points(dataset: SpeakerDataset, K: np.ndarray, depth: float, n: int, seed: int
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` camera-space points (and their colours) on the neck/torso pixels of a few frames, at ``depth``."""
+    """``n`` camera-space points (and their colours) on the torso layer's pixels of a few frames, at ``depth``."""
     rng = np.random.default_rng(seed)
     frames = [dataset.sample(int(i)) for i in np.linspace(dataset.indices[0], dataset.indices[-1], 4).astype(int)]
     pixels, colours = [], []
-    for s in frames:
-        labels = s.labels.numpy()
-        ys, xs = np.nonzero((labels == tracking.NECK) | (labels == tracking.TORSO))
+    for s in frames:  # the torso layer's target pixels: neck, torso and the neck behind the chin
+        rgb = s.rgb.numpy() / 255.0
+        _, _, torso_rgb, torso_alpha = tracking.compose_targets(rgb, s.labels.numpy(), rgb)
+        ys, xs = np.nonzero(torso_alpha)
         pixels.append(np.stack([xs, ys], 1))
-        colours.append(s.rgb.numpy()[ys, xs] / 255.0)
+        colours.append(torso_rgb[ys, xs])
     pixels, colours = np.concatenate(pixels), np.concatenate(colours)
     if len(pixels) == 0:
         raise ValueError("no torso pixels in the sampled frames")

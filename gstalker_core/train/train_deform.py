@@ -43,8 +43,8 @@ from ..model.talking_head import TalkingHead
 from ..tracking import SpeakerDataset
 
 STAGE = "deform"
-CODE_VERSION = "4"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
-# 4: torso Gaussians frozen, learning-rate decay
+CODE_VERSION = "5"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
+# 4: torso Gaussians frozen, learning-rate decay; 5: pitch-shifted audio for half of the frames
 
 Progress = Callable[[int, Optional[int], dict], None]
 
@@ -119,7 +119,7 @@ class LandmarkGuide:
     def loss(self, step: int) -> torch.Tensor:
         rng = np.random.default_rng([self.cfg.seed, step])
         frames = rng.choice(self.frames, size=self.cfg.guide_batch)
-        cond = self.source.conditions(self.model, frames)
+        cond = self.source.conditions(self.model, frames, voices=self.source.draw_voices(rng, len(frames)))
         field = self.model.face_field
         deltas = field(field.encode(self.points), self.model.audio_encoder(cond.audio), cond.eye)
         return guide_loss(deltas.d_means, self.offsets[to_device(frames, self.source.device)], self.scale)
@@ -181,7 +181,8 @@ class PhotometricLoss:
         """(loss, mean squared error of the rendered composite), on the model's device."""
         cfg, train, source = self.cfg, self.train, self.source
         frames = [train.index_at(step * cfg.frames_per_step + k) for k in range(cfg.frames_per_step)]
-        cond = source.conditions(self.model, frames, track=frames)
+        voices = source.draw_voices(np.random.default_rng([cfg.seed, step, 1]), len(frames))
+        cond = source.conditions(self.model, frames, track=frames, voices=voices)
         head, torso = self.model.frames(cond)
         layers = render_avatar(head, torso, cond.viewmats, source.K, source.plate)
         target = source.targets([train.sample(i) for i in frames])
@@ -222,6 +223,7 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
     def build(workdir) -> dict:
         train = tracking.open_dataset(store, track_run, ingest_run, cfg.cache_dir, split="train", seed=cfg.train.seed)
         features = audio.load_features(store, audio_run, cfg.cache_dir)
+        augmented = audio.load_augmented(store, audio_run, cfg.cache_dir)
         spec = audio.AudioFeaturesMeta.model_validate(audio_run.meta).spec
         plate = read_plate(store, track_run, cfg.cache_dir)
         head = GaussianModel.load(fetch_part(store, static_run, HEAD, cfg.cache_dir))
@@ -232,7 +234,7 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
                             torch.from_numpy(viewmats))
         model.audio_encoder.set_feature_stats(features[: 2 * len(train.indices)])
         a = train.arrays
-        source = FrameSource.build(a.viewmats, a.blink, a.K, plate, device, features)
+        source = FrameSource.build(a.viewmats, a.blink, a.K, plate, device, features, augmented)
         report = train_deformation(model.to(device), train, source, cfg.train, checkpoints, progress)
         manifest = BundleManifest(format_version=FORMAT_VERSION, gstalker_version=__version__,
                                   resolution=plate.shape[0], fps=25, audio_spec=spec,
