@@ -100,9 +100,11 @@ def nearest_training_frames(features: np.ndarray, test_frames: np.ndarray, train
 
 
 def face_box(landmarks: np.ndarray, size: int) -> tuple[slice, slice]:
+    """The face oval's bounding box within the frame, at least one pixel (every frame is scored)."""
     pts = landmarks[FACE_OVAL, :2]
     (x0, y0), (x1, y1) = np.floor(pts.min(0)).astype(int), np.ceil(pts.max(0)).astype(int)
-    return slice(max(y0, 0), min(y1, size)), slice(max(x0, 0), min(x1, size))
+    y0, x0 = min(max(y0, 0), size - 1), min(max(x0, 0), size - 1)
+    return slice(y0, min(max(y1, y0 + 1), size)), slice(x0, min(max(x1, x0 + 1), size))
 
 
 def render_methods(model: TalkingHead, static: tuple[GaussianState, GaussianState], source: FrameSource,
@@ -168,8 +170,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
                     s["se"] += float(pixel_se.mean())
                     s["ssim"] += ssim(img_f[None], truth_f[None]).item()
                     s["face_se"] += float(pixel_se[box].mean())
-                    s["face_ssim"] += ssim(img_f[box][None], truth_f[box][None]).item() if min(
-                        img_f[box].shape[:2]) > 11 else 0.0
+                    s["face_ssim"] += ssim(img_f[box][None], truth_f[box][None]).item()
                     landmarks[name].append(detectors[name].detect(img))
                 if writer:
                     writer.write(np.concatenate([rendered["gstalker"], rendered["static"], rendered["nearest"], truth], 1))

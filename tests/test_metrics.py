@@ -28,6 +28,19 @@ def test_ssim_matches_scikit_image():
     assert ssim(torch.from_numpy(a)[None], torch.from_numpy(a)[None]).item() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("height, width, window", [(10, 40, 9), (8, 9, 7), (6, 6, 5)])
+def test_ssim_of_a_box_under_the_window_uses_a_smaller_window(height, width, window):
+    """A small face box gets a real SSIM (skimage's with the same, smaller Gaussian window),
+    never a stand-in value."""
+    a, b = (x[:height, :width] for x in _pair(3))
+    ours = ssim(torch.from_numpy(a)[None], torch.from_numpy(b)[None]).item()
+    # skimage sizes its Gaussian window from sigma (truncated at 3.5 sigma): this sigma gives ``window``
+    theirs = structural_similarity(a, b, channel_axis=2, data_range=1.0, gaussian_weights=True,
+                                   sigma=1.5 * window / 11, use_sample_covariance=False)
+    assert ours == pytest.approx(theirs, abs=2e-3) and 0.0 < ours < 1.0
+    assert ssim(torch.from_numpy(a)[None], torch.from_numpy(a)[None]).item() == pytest.approx(1.0)
+
+
 def test_psnr_matches_scikit_image():
     a, b = _pair(1)
     assert psnr(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=1.0), abs=1e-6)

@@ -15,19 +15,29 @@ SSIM_SIGMA = 1.5
 _C1, _C2 = 0.01 ** 2, 0.03 ** 2
 
 
-def _gaussian_window(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    x = torch.arange(SSIM_WINDOW, dtype=dtype, device=device) - SSIM_WINDOW // 2
-    g = torch.exp(-x ** 2 / (2 * SSIM_SIGMA ** 2))
+def ssim_window(height: int, width: int) -> int:
+    """The SSIM window side for an image: 11 px, or the largest odd side that fits a smaller
+    image (a small face box), so that its SSIM is measured rather than left undefined."""
+    side = min(SSIM_WINDOW, height, width)
+    return side - 1 + side % 2
+
+
+def _gaussian_window(channels: int, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # a smaller window keeps the standard one's shape: sigma shrinks with the side
+    sigma = SSIM_SIGMA * size / SSIM_WINDOW
+    x = torch.arange(size, dtype=dtype, device=device) - size // 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW).contiguous()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
 
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-pixel SSIM (Wang et al. 2004, 11x11 Gaussian window, sigma 1.5), shape (N, C, H', W')."""
+    """Per-pixel SSIM (Wang et al. 2004, 11x11 Gaussian window, sigma 1.5; ``ssim_window``'s
+    smaller one, sigma scaled alike, for an image under 11 px a side), shape (N, C, H', W')."""
     a = a.reshape(-1, *a.shape[-3:]).permute(0, 3, 1, 2)
     b = b.reshape(-1, *b.shape[-3:]).permute(0, 3, 1, 2)
     channels = a.shape[1]
-    w = _gaussian_window(channels, a.dtype, a.device)
+    w = _gaussian_window(channels, ssim_window(*a.shape[-2:]), a.dtype, a.device)
     blur = lambda t: F.conv2d(t, w, groups=channels)  # noqa: E731  valid conv: no padding artefacts
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a ** 2
