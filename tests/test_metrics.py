@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from gstalker_core.metrics import photometric_loss, psnr, ssim
+from gstalker_core.metrics import person_coverage, photometric_loss, psnr, ssim
 
 
 def _pair(seed=0):
@@ -53,3 +53,10 @@ def test_photometric_loss_is_zero_only_for_equal_images_and_differentiable():
     loss = photometric_loss(tb, ta)
     loss.backward()
     assert loss.item() > 0 and tb.grad.abs().sum() > 0
+
+
+def test_person_coverage_counts_only_opaque_person_pixels():
+    alpha = torch.tensor([[0.99, 0.98, 0.97, 0.2]]).reshape(1, 4, 1)
+    person = torch.tensor([[True, True, True, False]])
+    assert person_coverage(alpha, person) == pytest.approx(2 / 3)  # the 0.2 pixel is background
+    assert person_coverage(alpha, torch.zeros_like(person)) == 1.0  # no person: nothing to cover

@@ -64,3 +64,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def psnr_of_mse(mse: float) -> float:
     """PSNR in dB of a mean squared error of images in [0, 1]."""
     return float("inf") if mse == 0 else -10.0 * math.log10(mse)
+
+
+# a person pixel at least this opaque in the composite shows (almost) none of the plate
+COVERED_ALPHA = 0.98
+
+
+def person_coverage(alpha: torch.Tensor, person: torch.Tensor) -> float:
+    """Share of the person's pixels that a render covers: ``alpha`` (..., H, W, 1) the
+    composite's opacity (head over torso, ``Layers.alpha``), ``person`` (..., H, W) bool the
+    person mask (head, neck and torso labels). A person pixel under ``COVERED_ALPHA`` shows
+    the background plate through the person, as between chin and collar when the head rises
+    off the torso. 1.0 when the mask is empty (nothing to cover)."""
+    person = person.to(device=alpha.device, dtype=torch.bool)
+    total = int(person.sum())
+    return int(((alpha[..., 0] >= COVERED_ALPHA) & person).sum()) / total if total else 1.0
