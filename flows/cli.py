@@ -202,10 +202,32 @@ def train(video: str = typer.Argument(..., help="local path or s3:// URL of the 
     with _training_bars() as bars, progress_shown_by(bars), _local_prefect_errors():
         keys = train_speaker(video=video, speaker=speaker, profile=profile, overrides=_overrides(set_, store),
                              config=read_config_file(Path(config)) if config else None)
+    _print_evaluation(cfg, keys["evaluate"])
     table = Table("stage", "content key", title=f"train-speaker {speaker}")
     for stage, key in keys.items():
         table.add_row(stage, key)
     out.print(table)
+
+
+def _print_evaluation(cfg: PipelineConfig, key: str) -> None:
+    """The evaluation a training run made: its table, and where its video and plot are."""
+    from gstalker_core import evaluate
+    from gstalker_core.storage import find_stage, open_store
+
+    store = open_store(cfg)
+    run = find_stage(store, evaluate.STAGE, key)
+    report = evaluate.EvalReport.model_validate(run.meta)
+    columns, rows = report.table()
+    # a column per method: eleven metric columns do not fit a terminal, four methods do
+    table = Table("", *(row[0] for row in rows), title="held-out evaluation", caption=report.caption())
+    for i, metric in enumerate(columns[1:], 1):
+        table.add_row(metric, *(row[i] for row in rows))
+    out.print(table)
+    for what, part in ((f"side-by-side video ({' / '.join(evaluate.VIDEO_PANELS)})", evaluate.VIDEO),
+                       ("per-frame curves", evaluate.PLOT)):
+        stored = run.parts[part].key
+        out.print(f"{what}: {store.local_path(stored) or f'{cfg.store_url}/{stored}'}", highlight=False,
+                  soft_wrap=True)  # a path broken over lines is no path to copy
 
 
 def _check_prefect_api() -> None:

@@ -176,6 +176,11 @@ def test_first_train_on_an_empty_prefect_home_succeeds(clip, tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "evaluate" in out.stdout
+    # it leads with the evaluation it made, and says where its video and plot are
+    assert out.stdout.index("held-out evaluation") < out.stdout.index("content key")
+    for line in ("side-by-side video", "per-frame curves"):
+        where = next(x for x in out.stdout.splitlines() if x.startswith(line)).rsplit(": ", 1)[1]
+        assert Path(where).is_file(), where
     assert (tmp_path / "home" / "store" / "speakers" / "first-run" / "model.json").is_file()
 
 
