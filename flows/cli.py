@@ -293,6 +293,32 @@ def dub(audio: str = typer.Argument(..., help="audio file (wav/mp3/m4a/..., or a
 
 
 @app.command()
+def export(speaker: str = typer.Option(..., "--speaker", help="a trained speaker"),
+           out_dir: Optional[str] = typer.Option(None, "--out", help="folder for the .ply files "
+                                                 "(default: ./<speaker>-ply)"),
+           at: Optional[float] = typer.Option(None, "--at", help="seconds into --audio: also the head deformed "
+                                              "as the dub of that audio shows it then"),
+           audio: Optional[str] = typer.Option(None, "--audio", help="audio file (path, s3:// URL or store key) "
+                                               "that --at is a time of"),
+           profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+           store: Optional[str] = StoreOpt) -> None:
+    """Write a trained speaker's head and torso Gaussians as 3DGS .ply files (splat viewers),
+    and with --audio and --at the head deformed at that time."""
+    from gstalker_core.export import export_speaker
+    from gstalker_core.naming import validate_speaker
+    from gstalker_core.storage import open_store
+
+    validate_speaker(speaker)
+    cfg = _config(profile, config, set_, store)
+    select_device(cfg.runtime)
+    result = export_speaker(open_store(cfg), speaker, Path(out_dir or f"{speaker}-ply"), cfg, at, audio)
+    at_frame = "" if result.frame is None else f" (the head at {at:g} s: dub frame {result.frame})"
+    out.print(f"exported {speaker}{at_frame}:")
+    for path in result.files:
+        out.print(f"  {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def submit(video: str = typer.Argument(..., help="local path (uploaded to the store) or s3:// URL of the speaker video"),
            speaker: str = typer.Option(..., "--speaker", help="speaker name: lower-case letters, digits, - and _"),
            profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
