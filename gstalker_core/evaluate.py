@@ -220,6 +220,8 @@ def render_methods(model: TalkingHead, static: tuple[GaussianState, GaussianStat
 
 @dataclass
 class Evaluation:
+    """What ``evaluate`` measured: the summary (the stage's metadata) and the per-frame series."""
+
     report: EvalReport
     curves: FrameCurves
 
