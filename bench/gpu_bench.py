@@ -26,7 +26,7 @@ c. fps: ``dub.render_chunk`` at the speaker's resolution with deformation, 1 fra
 d. training: ``static_fit.run`` and ``train_deform.run`` with the paper profile and the
    iteration counts asked (scaled down to the budget left, by b's step times; the schedule's
    milestones compressed with them), then held-out
-   PSNR of ours, the static fit and nearest-audio (``evaluate.render_methods``) and the trained
+   PSNR of every evaluation method (``evaluate.render_methods``: ours and its baselines) and the trained
    model's render FPS.
 The markdown table is printed last; --results-md, --append-md and --results-json write it too.
 If gsplat's kernels do not build, gsplat is hidden so that the stages' ``auto`` rasteriser
@@ -444,8 +444,8 @@ def heldout_psnr(sp: Speaker, cfg: PipelineConfig, model: TalkingHead, static_ru
     for first in range(0, len(frames), cfg.runtime.batch_frames):
         batch = slice(first, first + cfg.runtime.batch_frames)
         truth = torch.stack([test.sample(int(t)).rgb for t in frames[batch]]).to(sp.device).float() / 255
-        for name, rgb in evaluate.render_methods(model, static, sp.source, frames[batch], nearest[batch], codes).items():
-            squared[name] += ((rgb * 255).round() / 255 - truth).square().mean(dim=(1, 2, 3)).sum().item()
+        for name, render in evaluate.render_methods(model, static, sp.source, frames[batch], nearest[batch], codes).items():
+            squared[name] += ((render.rgb * 255).round() / 255 - truth).square().mean(dim=(1, 2, 3)).sum().item()
     return {name: psnr_of_mse(total / len(frames)) for name, total in squared.items()}, len(frames)
 
 

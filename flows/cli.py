@@ -202,10 +202,32 @@ def train(video: str = typer.Argument(..., help="local path or s3:// URL of the 
     with _training_bars() as bars, progress_shown_by(bars), _local_prefect_errors():
         keys = train_speaker(video=video, speaker=speaker, profile=profile, overrides=_overrides(set_, store),
                              config=read_config_file(Path(config)) if config else None)
+    _print_evaluation(cfg, keys["evaluate"])
     table = Table("stage", "content key", title=f"train-speaker {speaker}")
     for stage, key in keys.items():
         table.add_row(stage, key)
     out.print(table)
+
+
+def _print_evaluation(cfg: PipelineConfig, key: str) -> None:
+    """The evaluation a training run made: its table, and where its video and plot are."""
+    from gstalker_core import evaluate
+    from gstalker_core.storage import find_stage, open_store
+
+    store = open_store(cfg)
+    run = find_stage(store, evaluate.STAGE, key)
+    report = evaluate.EvalReport.model_validate(run.meta)
+    columns, rows = report.table()
+    # a column per method: eleven metric columns do not fit a terminal, four methods do
+    table = Table("", *(row[0] for row in rows), title="held-out evaluation", caption=report.caption())
+    for i, metric in enumerate(columns[1:], 1):
+        table.add_row(metric, *(row[i] for row in rows))
+    out.print(table)
+    for what, part in ((f"side-by-side video ({' / '.join(evaluate.VIDEO_PANELS)})", evaluate.VIDEO),
+                       ("per-frame curves", evaluate.PLOT)):
+        stored = run.parts[part].key
+        out.print(f"{what}: {store.local_path(stored) or f'{cfg.store_url}/{stored}'}", highlight=False,
+                  soft_wrap=True)  # a path broken over lines is no path to copy
 
 
 def _check_prefect_api() -> None:
@@ -268,6 +290,32 @@ def dub(audio: str = typer.Argument(..., help="audio file (wav/mp3/m4a/..., or a
         else:
             st.get_file(result.key, Path(output))
         out.print(f"  written to {output}")
+
+
+@app.command()
+def export(speaker: str = typer.Option(..., "--speaker", help="a trained speaker"),
+           out_dir: Optional[str] = typer.Option(None, "--out", help="folder for the .ply files "
+                                                 "(default: ./<speaker>-ply)"),
+           at: Optional[float] = typer.Option(None, "--at", help="seconds into --audio: also the head deformed "
+                                              "as the dub of that audio shows it then"),
+           audio: Optional[str] = typer.Option(None, "--audio", help="audio file (path, s3:// URL or store key) "
+                                               "that --at is a time of"),
+           profile: str = ProfileOpt, config: Optional[str] = ConfigOpt, set_: Optional[list[str]] = SetOpt,
+           store: Optional[str] = StoreOpt) -> None:
+    """Write a trained speaker's head and torso Gaussians as 3DGS .ply files (splat viewers),
+    and with --audio and --at the head deformed at that time."""
+    from gstalker_core.export import export_speaker
+    from gstalker_core.naming import validate_speaker
+    from gstalker_core.storage import open_store
+
+    validate_speaker(speaker)
+    cfg = _config(profile, config, set_, store)
+    select_device(cfg.runtime)
+    result = export_speaker(open_store(cfg), speaker, Path(out_dir or f"{speaker}-ply"), cfg, at, audio)
+    at_frame = "" if result.frame is None else f" (the head at {at:g} s: dub frame {result.frame})"
+    out.print(f"exported {speaker}{at_frame}:")
+    for path in result.files:
+        out.print(f"  {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()

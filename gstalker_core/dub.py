@@ -15,7 +15,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from . import media
 from .audio import Signal, check_spec, compute_features, spec_for
-from .model.avatar import render_avatar
+from .model.avatar import GaussianState, render_avatar
 from .model.bundle import Bundle
 from .data.conditions import FrameSource, to_device
 from .config import AudioConfig, DubConfig, PipelineConfig
@@ -70,22 +70,34 @@ def load_audio(path: Path, sample_rate: int, cfg: DubConfig, workdir: Path) -> S
     return signal
 
 
-@torch.no_grad()
-def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: Progress | None = None,
-        pose_track: np.ndarray | None = None) -> DubManifest:
-    """Render ``bundle`` saying ``audio_path`` into ``out`` (written only when complete)."""
-    start = time.perf_counter()
+class DubAudio(NamedTuple):
+    features: np.ndarray  # (2 * n_frames, n_features), the model's extractor spec
+    duration_s: float
+    n_frames: int  # ceil(duration x fps)
+
+
+def dub_audio(bundle: Bundle, audio_path: Path, cfg: DubConfig, scratch: Path) -> DubAudio:
+    """``audio_path`` as the model hears it: checked, decoded in a temporary folder under
+    ``scratch`` (gone once featurised) and turned into features with the model's own spec."""
     spec = bundle.manifest.audio_spec
     # the installed extractor must produce what the model was trained on (librosa version, params)
     check_spec(spec_for(AudioConfig(kind=spec.kind, n_features=spec.n_features, n_fft=spec.n_fft, fmin=spec.fmin,
                                     fmax=spec.fmax, step_window=bundle.manifest.step_window,
                                     normalise=spec.normalise), spec.sample_rate),
                spec, what="the model's audio features (this install's extractor)")
-    fps = bundle.manifest.fps
-    with tempfile.TemporaryDirectory(dir=Path(out).parent) as workdir:  # the decoded audio, gone once featurised
+    with tempfile.TemporaryDirectory(dir=scratch) as workdir:
         signal = load_audio(audio_path, spec.sample_rate, cfg, Path(workdir))
-        n_frames = math.ceil(signal.duration_s * fps)
-        features = compute_features(signal, spec, n_frames=n_frames)
+        n_frames = math.ceil(signal.duration_s * bundle.manifest.fps)
+        return DubAudio(compute_features(signal, spec, n_frames=n_frames), signal.duration_s, n_frames)
+
+
+@torch.no_grad()
+def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: Progress | None = None,
+        pose_track: np.ndarray | None = None) -> DubManifest:
+    """Render ``bundle`` saying ``audio_path`` into ``out`` (written only when complete)."""
+    start = time.perf_counter()
+    fps = bundle.manifest.fps
+    features, duration_s, n_frames = dub_audio(bundle, audio_path, cfg, Path(out).parent)
     n_train = len(bundle.viewmats)
     track = pose_track if pose_track is not None else pose_track_indices(n_frames, n_train, cfg.pose_stretch)
     if len(track) < n_frames:
@@ -103,17 +115,23 @@ def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: P
                 writer.write(image)
             if progress:
                 progress(int(frames[-1]) + 1, n_frames)
-    return DubManifest(audio_name=Path(audio_path).name, audio_duration_s=signal.duration_s, n_frames=n_frames,
+    return DubManifest(audio_name=Path(audio_path).name, audio_duration_s=duration_s, n_frames=n_frames,
                        fps=fps, resolution=size, render_s=time.perf_counter() - render_start,
                        wall_s=time.perf_counter() - start)
 
 
+def dub_frames(model: TalkingHead, source: FrameSource, frames: np.ndarray, poses: np.ndarray,
+               codes: CanonicalCodes | None = None) -> tuple[GaussianState, GaussianState]:
+    """Deformed head and torso states of dub frames ``frames``: their audio at the training
+    poses (and torso latents) ``poses``; ``codes``: the model's ``canonical_codes()``,
+    computed once per dub."""
+    return model.frames(source.conditions(model, frames, poses=poses, track=poses), codes=codes)
+
+
 def render_chunk(model: TalkingHead, source: FrameSource, frames: np.ndarray, poses: np.ndarray,
                  codes: CanonicalCodes | None = None) -> torch.Tensor:
-    """(B, H, W, 3) frames in [0, 1], one rasteriser call per layer: the audio of dub frames
-    ``frames`` at the training poses (and torso latents) ``poses``; ``codes``: the model's
-    ``canonical_codes()``, computed once per dub."""
-    head, torso = model.frames(source.conditions(model, frames, poses=poses, track=poses), codes=codes)
+    """(B, H, W, 3) frames in [0, 1] of ``dub_frames``, one rasteriser call per layer."""
+    head, torso = dub_frames(model, source, frames, poses, codes)
     return render_avatar(head, torso, source.viewmats[to_device(poses, source.device)], source.K,
                          source.plate).rgb.clamp(0, 1)
 

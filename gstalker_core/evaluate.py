@@ -1,28 +1,34 @@
-"""Evaluation on the held-out last 1/11 of the clip, always against two baselines.
+"""Evaluation on the held-out last 1/11 of the clip, always against three baselines.
 
 Methods, rendered for the same held-out frames with the same poses and blinks:
 - ``gstalker``: our deformation driven by each frame's own (training-clip) audio, with the
   static torso (``talking_head.NO_FRAME``: no training frame stands for a held-out pose);
+- ``no_deformation``: the trained model's Gaussians with no deformation (the ablation: what
+  the fields add over the Gaussians they were trained with);
 - ``static``: the static fit stage's Gaussians (before deformation training), mouth frozen;
 - ``nearest``: our model driven by the audio of the training frame whose audio features are
   closest (retrieval instead of generalisation).
 
 Metrics: PSNR and SSIM on the full composite and on the face box; PSNR per parsed region
-(head, neck + torso, background: where a method wins or loses); mouth-landmark distance
-(our landmarker on rendered vs ground truth frames, mouth points, centred, in 512 px
-pixels); lip sync without downloaded weights: correlation of rendered with true mouth
-opening, and of rendered mouth opening with audio energy; landmark jitter. Frames whose
-mouth tracking flagged as covered are left out of the mouth metrics (the truth's mouth is
-not visible there).
+(head, neck + torso, background: where a method wins or loses); person coverage (the share
+of the person mask's pixels the composite covers opaquely, mean and worst frame: background
+showing between chin and collar lowers it); mouth-landmark distance (our landmarker on
+rendered vs ground truth frames, mouth points, centred, in pixels of the rendered frames);
+lip sync without downloaded weights: correlation of rendered with true mouth opening, and of
+rendered mouth opening with audio energy; landmark jitter. Frames whose mouth tracking
+flagged as covered are left out of the mouth metrics (the truth's mouth is not visible
+there). Per-frame curves (PSNR of each method, mouth opening of ours and of the truth) are
+stored beside the report and plotted.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 from . import audio, ingest, tracking
 from .metrics import lipsync
@@ -33,7 +39,7 @@ from .data.conditions import FrameSource, to_device
 from .config import PipelineConfig, TrackConfig
 from .media import VideoWriter
 from .render.gaussians import GaussianModel
-from .metrics import ssim
+from .metrics import person_coverage, ssim
 from .runtime import configure
 from .model.talking_head import CanonicalCodes, TalkingHead
 from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
@@ -41,11 +47,17 @@ from .tracking import SpeakerDataset
 from .tracking.landmarks import FACE_OVAL, MediapipeFaceMesh
 
 STAGE = "evaluate"
-CODE_VERSION = "2"  # 2: per-region PSNR, covered mouths out of the mouth metrics
-METHODS = ("gstalker", "static", "nearest")
+# 3: person coverage, the no-deformation ablation, face SSIM of small boxes, mouth-landmark
+# distance in rendered pixels, per-frame curves and their plot
+CODE_VERSION = "3"
+METHODS = ("gstalker", "no_deformation", "static", "nearest")
+METHOD_LABELS = {"gstalker": "gstalker", "no_deformation": "trained Gaussians, no deformation",
+                 "static": "static fit (mouth frozen)", "nearest": "nearest-neighbour audio"}
+VIDEO_PANELS = (*METHODS, "truth")  # the side-by-side video, left to right
 # parsing labels (tracking.parsing) grouped into the regions reported
 REGIONS = {"head": (1,), "torso": (2, 3), "background": (0,)}
-REPORT_JSON, REPORT_MD, VIDEO = "report.json", "report.md", "side_by_side.mp4"
+REPORT_JSON, REPORT_MD, VIDEO, CURVES_JSON, PLOT = (
+    "report.json", "report.md", "side_by_side.mp4", "curves.json", "curves.png")
 
 
 class MethodScores(BaseModel):
@@ -54,7 +66,13 @@ class MethodScores(BaseModel):
     face_psnr: float
     face_ssim: float
     region_psnr: dict[str, float]  # REGIONS -> PSNR over that region's pixels of all frames
-    mouth_landmark_distance_px512: float | None  # None: the landmarker found no face in any rendered frame
+    # share of person-mask pixels with composite alpha >= metrics.COVERED_ALPHA, mean over frames
+    # and worst frame; None: a report from before coverage was measured
+    person_coverage: float | None = None
+    person_coverage_worst_frame: float | None = None
+    # in pixels of the rendered frames (EvalReport.resolution); None: the landmarker found no
+    # face in any rendered frame
+    mouth_landmark_distance_px: float | None
     mouth_opening_correlation: float  # with ground truth mouth opening
     audio_energy_correlation: float  # rendered mouth opening vs audio loudness
     jitter_px: float
@@ -69,24 +87,90 @@ class EvalReport(BaseModel):
     truth_audio_energy_correlation: float  # the same correlation on the real frames, for scale
     methods: dict[str, MethodScores]
 
-    def markdown(self) -> str:
-        rows = ["| method | PSNR | SSIM | face PSNR | face SSIM | head / torso / background PSNR | "
-                "mouth LMD (px@512) | mouth-open corr | audio-energy corr | jitter (px) |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+    @model_validator(mode="before")
+    @classmethod
+    def _read_code_version_2(cls, data):
+        """A report of evaluation code version 2 gave the mouth-landmark distance in pixels of a
+        512 px frame: read back in rendered pixels (the inverse of its scaling)."""
+        if not (isinstance(data, dict) and isinstance(data.get("methods"), dict)):
+            return data
+        methods = {}
+        for name, scores in data["methods"].items():
+            if isinstance(scores, dict) and "mouth_landmark_distance_px512" in scores:
+                scores = dict(scores)  # the caller's dict (a stage manifest's meta) stays as stored
+                px512 = scores.pop("mouth_landmark_distance_px512")
+                scores["mouth_landmark_distance_px"] = None if px512 is None else px512 * data["resolution"] / 512
+            methods[name] = scores
+        return {**data, "methods": methods}
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """Column names and one row of formatted figures per method (the markdown report and
+        the CLI's table)."""
+        columns = ["method", "PSNR", "SSIM", "face PSNR", "face SSIM", "head / torso / background PSNR",
+                   "person covered (mean / worst frame)", f"mouth LMD (px@{self.resolution})", "mouth-open corr",
+                   "audio-energy corr", "jitter (px)"]
+        rows = []
         for name, m in self.methods.items():
-            regions = " / ".join(f"{m.region_psnr[r]:.2f}" for r in REGIONS)
-            rows.append(f"| {name} | {m.psnr:.2f} | {m.ssim:.4f} | {m.face_psnr:.2f} | {m.face_ssim:.4f} | {regions} | "
-                        f"{_fmt(m.mouth_landmark_distance_px512)} | {m.mouth_opening_correlation:.3f} | "
-                        f"{m.audio_energy_correlation:.3f} | {m.jitter_px:.3f} |")
-        rows.append(f"\nHeld-out frames {self.first_frame}-{self.first_frame + self.frames - 1} "
-                    f"({self.frames} frames, {self.resolution} px; mouth metrics on the {self.mouth_frames} with the mouth "
-                    f"uncovered); real frames' audio-energy correlation: "
-                    f"{self.truth_audio_energy_correlation:.3f}.")
-        return "\n".join(rows)
+            rows.append([METHOD_LABELS.get(name, name), f"{m.psnr:.2f}", f"{m.ssim:.4f}", f"{m.face_psnr:.2f}",
+                         f"{m.face_ssim:.4f}", " / ".join(f"{m.region_psnr[r]:.2f}" for r in REGIONS),
+                         _coverage(m), _fmt(m.mouth_landmark_distance_px), f"{m.mouth_opening_correlation:.3f}",
+                         f"{m.audio_energy_correlation:.3f}", f"{m.jitter_px:.3f}"])
+        return columns, rows
+
+    def caption(self) -> str:
+        return (f"Held-out frames {self.first_frame}-{self.first_frame + self.frames - 1} ({self.frames} frames, "
+                f"{self.resolution} px; mouth metrics on the {self.mouth_frames} with the mouth uncovered); real "
+                f"frames' audio-energy correlation: {self.truth_audio_energy_correlation:.3f}.")
+
+    def markdown(self) -> str:
+        columns, rows = self.table()
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines) + f"\n\n{self.caption()}"
 
 
 def _fmt(value: float | None) -> str:
     return "no face" if value is None else f"{value:.2f}"
+
+
+def _coverage(m: MethodScores) -> str:
+    if m.person_coverage is None:
+        return "not measured"
+    return f"{100 * m.person_coverage:.1f}% / {100 * m.person_coverage_worst_frame:.1f}%"
+
+
+class FrameCurves(BaseModel):
+    """Per-frame series over the held-out frames (``CURVES_JSON``, plotted in ``PLOT``)."""
+
+    frames: list[int]
+    psnr: dict[str, list[float]]  # method -> PSNR of each frame
+    person_coverage: dict[str, list[float]]  # method -> share of the frame's person pixels covered
+    # method or "truth" -> inner-lip gap over mouth width; None where the frame is not scored
+    # (mouth covered, or no face found in the render)
+    mouth_opening: dict[str, list[float | None]]
+
+
+def plot_curves(curves: FrameCurves, path: Path) -> Path:
+    """PNG of the per-frame PSNR of each method and the mouth opening of ours against the truth."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5.5), dpi=90, layout="constrained")
+    FigureCanvasAgg(fig)  # Agg, whatever backend the process chose: no display needed
+    psnr_ax, mouth_ax = fig.subplots(2, 1, sharex=True)
+    for name, series in curves.psnr.items():
+        psnr_ax.plot(curves.frames, series, label=METHOD_LABELS.get(name, name), linewidth=1)
+    psnr_ax.set_ylabel("PSNR (dB)")
+    psnr_ax.set_title("held-out frames")
+    psnr_ax.legend(fontsize="small")
+    for name, label, colour in (("truth", "truth", "black"), ("gstalker", "gstalker", "tab:blue")):
+        opening = [np.nan if v is None else v for v in curves.mouth_opening[name]]
+        mouth_ax.plot(curves.frames, opening, label=label, color=colour, linewidth=1)
+    mouth_ax.set_ylabel("mouth opening (gap / width)")
+    mouth_ax.set_xlabel("frame")
+    mouth_ax.legend(fontsize="small")
+    fig.savefig(path)
+    return Path(path)
 
 
 def nearest_training_frames(features: np.ndarray, test_frames: np.ndarray, train_frames: np.ndarray) -> np.ndarray:
@@ -100,34 +184,53 @@ def nearest_training_frames(features: np.ndarray, test_frames: np.ndarray, train
 
 
 def face_box(landmarks: np.ndarray, size: int) -> tuple[slice, slice]:
+    """The face oval's bounding box within the frame, at least one pixel (every frame is scored)."""
     pts = landmarks[FACE_OVAL, :2]
     (x0, y0), (x1, y1) = np.floor(pts.min(0)).astype(int), np.ceil(pts.max(0)).astype(int)
-    return slice(max(y0, 0), min(y1, size)), slice(max(x0, 0), min(x1, size))
+    y0, x0 = min(max(y0, 0), size - 1), min(max(x0, 0), size - 1)
+    return slice(y0, min(max(y1, y0 + 1), size)), slice(x0, min(max(x1, x0 + 1), size))
+
+
+@dataclass
+class MethodRender:
+    """A method's rendered batch: (B, H, W, 3) composites in [0, 1] and their (B, H, W, 1)
+    opacity (``Layers.alpha``)."""
+
+    rgb: torch.Tensor
+    alpha: torch.Tensor
 
 
 def render_methods(model: TalkingHead, static: tuple[GaussianState, GaussianState], source: FrameSource,
                    frames: np.ndarray, nearest: np.ndarray, codes: CanonicalCodes | None = None
-                   ) -> dict[str, torch.Tensor]:
-    """(B, H, W, 3) composites in [0, 1] of held-out ``frames`` by each method, one rasteriser
-    call per layer and method; ``nearest``: the training frame whose audio the ``nearest``
-    baseline borrows for each; ``codes``: the model's ``canonical_codes()``."""
+                   ) -> dict[str, MethodRender]:
+    """Each method's render of held-out ``frames``, one rasteriser call per layer and method;
+    ``nearest``: the training frame whose audio the ``nearest`` baseline borrows for each;
+    ``codes``: the model's ``canonical_codes()``."""
     rendered = {}
     for name in METHODS:
         if name == "static":
             head, torso = static
         else:
             cond = source.conditions(model, nearest if name == "nearest" else frames, poses=frames)
-            head, torso = model.frames(cond, codes=codes)
-        rendered[name] = render_avatar(head, torso, source.viewmats[to_device(frames, source.device)], source.K,
-                                       source.plate).rgb.clamp(0, 1)
+            head, torso = model.frames(cond, deform=name != "no_deformation", codes=codes)
+        layers = render_avatar(head, torso, source.viewmats[to_device(frames, source.device)], source.K, source.plate)
+        rendered[name] = MethodRender(layers.rgb.clamp(0, 1), layers.alpha)
     return rendered
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate`` measured: the summary (the stage's metadata) and the per-frame series."""
+
+    report: EvalReport
+    curves: FrameCurves
 
 
 @torch.no_grad()
 def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], test: SpeakerDataset,
              train_frames: np.ndarray, features: np.ndarray, samples_16k: np.ndarray, plate: np.ndarray,
              track_cfg: TrackConfig, video: Path | None = None, audio: Path | None = None, batch_frames: int = 8
-             ) -> EvalReport:
+             ) -> Evaluation:
     """Render the held-out frames with each method, ``batch_frames`` at a time on the model's
     device, score them, optionally write a side-by-side video."""
     frames = test.indices
@@ -137,17 +240,20 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     static_states = (GaussianState.of(static[0].to(source.device)), GaussianState.of(static[1].to(source.device)))
     nearest = nearest_training_frames(features, frames, train_frames)
     codes = model.canonical_codes()
-    detectors = {name: MediapipeFaceMesh(track_cfg) for name in (*METHODS, "truth")}
+    detectors = {name: MediapipeFaceMesh(track_cfg) for name in VIDEO_PANELS}
     landmarks = {name: [] for name in detectors}
     sums = {name: {"se": 0.0, "ssim": 0.0, "face_se": 0.0, "face_ssim": 0.0} for name in METHODS}
     region_se = {name: dict.fromkeys(REGIONS, 0.0) for name in METHODS}
     region_pixels = dict.fromkeys(REGIONS, 0)
-    writer = VideoWriter(video, 4 * size, size, 25, audio=audio) if video else None
+    frame_psnr = {name: [] for name in METHODS}
+    coverage = {name: [] for name in METHODS}
+    writer = VideoWriter(video, len(VIDEO_PANELS) * size, size, 25, audio=audio) if video else None
     try:
         for first in range(0, len(frames), batch_frames):
             batch = slice(first, first + batch_frames)
-            batch_rgb = render_methods(model, static_states, source, frames[batch], nearest[batch], codes)
-            images = {name: (rgb * 255).round().byte().cpu().numpy() for name, rgb in batch_rgb.items()}
+            renders = render_methods(model, static_states, source, frames[batch], nearest[batch], codes)
+            images = {name: (r.rgb * 255).round().byte().cpu().numpy() for name, r in renders.items()}
+            alphas = {name: r.alpha.cpu() for name, r in renders.items()}
             for k, t in enumerate(frames[batch]):
                 sample = test.sample(int(t))
                 truth = sample.rgb.numpy()
@@ -157,6 +263,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
                 box = face_box(truth_lm if truth_lm is not None else a.landmarks[t], size)
                 truth_f = torch.from_numpy(truth.astype(np.float32) / 255.0)
                 masks = {r: np.isin(sample.labels.numpy(), labels) for r, labels in REGIONS.items()}
+                person = torch.from_numpy(~masks["background"])
                 for r, mask in masks.items():
                     region_pixels[r] += int(mask.sum())
                 for name, img in rendered.items():
@@ -168,11 +275,12 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
                     s["se"] += float(pixel_se.mean())
                     s["ssim"] += ssim(img_f[None], truth_f[None]).item()
                     s["face_se"] += float(pixel_se[box].mean())
-                    s["face_ssim"] += ssim(img_f[box][None], truth_f[box][None]).item() if min(
-                        img_f[box].shape[:2]) > 11 else 0.0
+                    s["face_ssim"] += ssim(img_f[box][None], truth_f[box][None]).item()
+                    frame_psnr[name].append(_psnr(float(pixel_se.mean()), 1))
+                    coverage[name].append(person_coverage(alphas[name][k], person))
                     landmarks[name].append(detectors[name].detect(img))
                 if writer:
-                    writer.write(np.concatenate([rendered["gstalker"], rendered["static"], rendered["nearest"], truth], 1))
+                    writer.write(np.concatenate([*(rendered[name] for name in METHODS), truth], 1))
     finally:
         for d in detectors.values():
             d.close()
@@ -185,6 +293,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     truth_open = lipsync.mouth_opening(truth_lm)
     n = len(frames)
     scores = {}
+    opening_curves = {"truth": _per_frame(truth_open[uncovered], uncovered)}
     for name in METHODS:
         # landmark metrics only on frames where the landmarker found the rendered face: a
         # method is never credited with the truth's landmarks; lost frames are counted
@@ -192,20 +301,30 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
         found = detected & uncovered
         lm = _stack(landmarks[name], found, truth_lm[:0])
         opening = lipsync.mouth_opening(lm)
+        opening_curves[name] = _per_frame(opening, found)
         s = sums[name]
         scores[name] = MethodScores(
             psnr=_psnr(s["se"], n), ssim=s["ssim"] / n, face_psnr=_psnr(s["face_se"], n),
             face_ssim=s["face_ssim"] / n,
             region_psnr={r: _psnr(region_se[name][r], region_pixels[r]) for r in REGIONS},
-            mouth_landmark_distance_px512=lipsync.mouth_landmark_distance(lm, truth_lm[found], size)
-            if found.any() else None,
+            person_coverage=float(np.mean(coverage[name])), person_coverage_worst_frame=float(np.min(coverage[name])),
+            mouth_landmark_distance_px=lipsync.mouth_landmark_distance(lm, truth_lm[found]) if found.any() else None,
             mouth_opening_correlation=lipsync.pearson(opening, truth_open[found]),
             audio_energy_correlation=lipsync.pearson(opening, energy[found]),
             jitter_px=lipsync.landmark_jitter(_stack(landmarks[name], detected, truth_lm[:0])),
             frames_without_face=int((~detected).sum()))
-    return EvalReport(frames=n, first_frame=int(frames[0]), resolution=size, mouth_frames=int(uncovered.sum()),
-                      truth_audio_energy_correlation=lipsync.pearson(truth_open[uncovered], energy[uncovered]),
-                      methods=scores)
+    report = EvalReport(frames=n, first_frame=int(frames[0]), resolution=size, mouth_frames=int(uncovered.sum()),
+                        truth_audio_energy_correlation=lipsync.pearson(truth_open[uncovered], energy[uncovered]),
+                        methods=scores)
+    curves = FrameCurves(frames=[int(t) for t in frames], psnr=frame_psnr, person_coverage=coverage,
+                         mouth_opening=opening_curves)
+    return Evaluation(report, curves)
+
+
+def _per_frame(kept_values: np.ndarray, kept: np.ndarray) -> list[float | None]:
+    """The kept frames' values in place over all frames, None at the others."""
+    values = iter(kept_values)
+    return [float(next(values)) if use else None for use in kept]
 
 
 def _stack(per_frame: list[np.ndarray | None], keep: np.ndarray, empty: np.ndarray) -> np.ndarray:
@@ -230,7 +349,8 @@ def stage_key(bundle_run: StageManifest, ingest_run: StageManifest, cfg: Pipelin
 
 def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifest, audio_run: StageManifest,
         static_run: StageManifest, bundle_run: StageManifest, cfg: PipelineConfig) -> StageRun:
-    """The ``evaluate`` stage: report (JSON + markdown) and side-by-side video of the held-out frames."""
+    """The ``evaluate`` stage: report (JSON + markdown), side-by-side video, per-frame curves
+    (JSON + plot) of the held-out frames."""
     from .media import decode_audio
 
     def build(workdir: Path) -> dict:
@@ -246,14 +366,16 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
         try:
             static = tuple(GaussianModel.load(fetch_part(store, static_run, name, cfg.cache_dir))
                            for name in (static_fit.HEAD, static_fit.TORSO))
-            report = evaluate(bundle.model.to(configure(cfg.runtime)), static, test, train_frames, features, samples,
+            result = evaluate(bundle.model.to(configure(cfg.runtime)), static, test, train_frames, features, samples,
                               bundle.plate, cfg.track, video=workdir / VIDEO, audio=segment,
                               batch_frames=cfg.runtime.batch_frames)
         finally:
             segment.unlink(missing_ok=True)
-        (workdir / REPORT_JSON).write_text(report.model_dump_json(indent=2))
-        (workdir / REPORT_MD).write_text(report.markdown() + "\n")
-        return report.model_dump(mode="json")
+        (workdir / REPORT_JSON).write_text(result.report.model_dump_json(indent=2))
+        (workdir / REPORT_MD).write_text(result.report.markdown() + "\n")
+        (workdir / CURVES_JSON).write_text(result.curves.model_dump_json())
+        plot_curves(result.curves, workdir / PLOT)
+        return result.report.model_dump(mode="json")
 
     return run_stage(store, work(bundle_run, ingest_run, cfg), build, cfg.cache_dir)
 

@@ -8,6 +8,7 @@ the Prefect UI shows a skipped stage as ``Cached`` and does not even start it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import inspect
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from gstalker_core.train import static_fit, train_deform
 from gstalker_core.config import PipelineConfig
 from gstalker_core.runtime import on_gpu
 from gstalker_core.errors import ConfigError, InputError, StorageError
-from gstalker_core.storage import ArtifactStore, StageManifest, StageRun, find_stage, open_store
+from gstalker_core.storage import ArtifactStore, StageManifest, StageRun, fetch_part, find_stage, open_store
 from tasks.gpu import gpu_slot
 
 
@@ -155,10 +156,15 @@ def publish_speaker(speaker: str, bundle_run: StageManifest, evaluation_run: Sta
     entry = speakers.publish(store, speaker, bundle_run, evaluation_run, video, cfg.profile)
     report = evaluate.EvalReport.model_validate(evaluation_run.meta)
     where = {name: f"{cfg.store_url}/{part.key}" for name, part in evaluation_run.parts.items()}
+    # the plot inline: the UI's markdown shows an image from a data URL, and a store's file
+    # (a local path, an s3:// key) is no address a browser can open
+    plot = base64.b64encode(fetch_part(store, evaluation_run, evaluate.PLOT, cfg.cache_dir).read_bytes()).decode()
     create_markdown_artifact(
         key=f"evaluation-{speaker}", description=f"held-out evaluation of {speaker}",
         markdown=f"## {speaker}: held-out evaluation\n\n{report.markdown()}\n\n"
-                 f"- side-by-side video (ours / static / nearest / truth): `{where[evaluate.VIDEO]}`\n"
+                 f"![per-frame curves](data:image/png;base64,{plot})\n\n"
+                 f"- side-by-side video ({' / '.join(evaluate.VIDEO_PANELS)}): `{where[evaluate.VIDEO]}`\n"
+                 f"- per-frame curves: `{where[evaluate.PLOT]}` (data: `{where[evaluate.CURVES_JSON]}`)\n"
                  f"- model bundle: `{cfg.store_url}/stages/{train_deform.STAGE}/{bundle_run.key}/`\n"
                  f"- static fit still (render / truth): `{cfg.store_url}/{_static_still(store, bundle_run)}`\n")
     return speakers.pointer_key(entry.speaker)

@@ -106,9 +106,9 @@ def test_an_evaluation_batch_renders_every_method_on_the_device(on_meta):
     with torch.no_grad():
         rendered = evaluate.render_methods(model, static, source, frames, nearest)
     assert set(rendered) == set(evaluate.METHODS)
-    for rgb in rendered.values():
-        _all_on_meta(rgb)
-        assert rgb.shape == (4, *source.plate.shape)
+    for render in rendered.values():
+        _all_on_meta(render.rgb, render.alpha)
+        assert render.rgb.shape == (4, *source.plate.shape) and render.alpha.shape == (4, *source.plate.shape[:2], 1)
 
 
 def test_a_dub_chunk_renders_on_the_device(on_meta):

@@ -8,7 +8,7 @@ import time
 import pytest
 from prefect import flow, task
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.train_speaker import train_speaker
@@ -42,6 +42,11 @@ def test_second_run_is_cached_and_a_config_change_reruns_only_its_stage(prefect_
     keys = first.result()
     assert set(keys) >= {"ingest", "track", "audio"}
     assert _task_states(first) == {"ingest": "Completed", "track-and-parse": "Completed", "audio-features": "Completed", "fit-static": "Completed", "train-deformation": "Completed", "evaluate": "Completed", "publish": "Completed"}
+    # the evaluation artifact shows the per-frame plot inline: a data URL, which the UI's markdown renders
+    with get_client(sync_client=True) as client:
+        artifact, = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=["evaluation-tiny-speaker"])), limit=1)
+    assert "![per-frame curves](data:image/png;base64,iVBORw0KGgo" in artifact.data
 
     second = train_speaker(video, "tiny-speaker", profile="tiny", overrides=home, return_state=True)
     assert second.result() == keys
@@ -176,6 +181,11 @@ def test_first_train_on_an_empty_prefect_home_succeeds(clip, tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "evaluate" in out.stdout
+    # it leads with the evaluation it made, and says where its video and plot are
+    assert out.stdout.index("held-out evaluation") < out.stdout.index("content key")
+    for line in ("side-by-side video", "per-frame curves"):
+        where = next(x for x in out.stdout.splitlines() if x.startswith(line)).rsplit(": ", 1)[1]
+        assert Path(where).is_file(), where
     assert (tmp_path / "home" / "store" / "speakers" / "first-run" / "model.json").is_file()
 
 

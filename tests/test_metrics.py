@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from gstalker_core.metrics import photometric_loss, psnr, ssim
+from gstalker_core.metrics import person_coverage, photometric_loss, psnr, ssim
 
 
 def _pair(seed=0):
@@ -28,6 +28,19 @@ def test_ssim_matches_scikit_image():
     assert ssim(torch.from_numpy(a)[None], torch.from_numpy(a)[None]).item() == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("height, width, window", [(10, 40, 9), (8, 9, 7), (6, 6, 5)])
+def test_ssim_of_a_box_under_the_window_uses_a_smaller_window(height, width, window):
+    """A small face box gets a real SSIM (skimage's with the same, smaller Gaussian window),
+    never a stand-in value."""
+    a, b = (x[:height, :width] for x in _pair(3))
+    ours = ssim(torch.from_numpy(a)[None], torch.from_numpy(b)[None]).item()
+    # skimage sizes its Gaussian window from sigma (truncated at 3.5 sigma): this sigma gives ``window``
+    theirs = structural_similarity(a, b, channel_axis=2, data_range=1.0, gaussian_weights=True,
+                                   sigma=1.5 * window / 11, use_sample_covariance=False)
+    assert ours == pytest.approx(theirs, abs=2e-3) and 0.0 < ours < 1.0
+    assert ssim(torch.from_numpy(a)[None], torch.from_numpy(a)[None]).item() == pytest.approx(1.0)
+
+
 def test_psnr_matches_scikit_image():
     a, b = _pair(1)
     assert psnr(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=1.0), abs=1e-6)
@@ -40,3 +53,10 @@ def test_photometric_loss_is_zero_only_for_equal_images_and_differentiable():
     loss = photometric_loss(tb, ta)
     loss.backward()
     assert loss.item() > 0 and tb.grad.abs().sum() > 0
+
+
+def test_person_coverage_counts_only_opaque_person_pixels():
+    alpha = torch.tensor([[0.99, 0.98, 0.97, 0.2]]).reshape(1, 4, 1)
+    person = torch.tensor([[True, True, True, False]])
+    assert person_coverage(alpha, person) == pytest.approx(2 / 3)  # the 0.2 pixel is background
+    assert person_coverage(alpha, torch.zeros_like(person)) == 1.0  # no person: nothing to cover

@@ -206,18 +206,79 @@ def test_static_fit_resumed_after_a_crash_equals_an_uninterrupted_run(tiny_speak
         assert all(torch.equal(got.state()["params"][p], want.state()["params"][p]) for p in want.state()["params"])
 
 
-def test_evaluation_report_has_both_baselines(tiny_speaker):
+def _evaluation(sp):
     from gstalker_core.storage import find_stage
 
-    runs = [k for k in tiny_speaker.store.list("stages/evaluate/") if k.endswith("MANIFEST.json")]
-    manifest = find_stage(tiny_speaker.store, "evaluate", runs[0].split("/")[2])
+    runs = [k for k in sp.store.list("stages/evaluate/") if k.endswith("MANIFEST.json")]
+    return find_stage(sp.store, "evaluate", runs[0].split("/")[2])
+
+
+def test_evaluation_report_has_every_baseline_and_the_per_frame_curves(tiny_speaker):
+    manifest = _evaluation(tiny_speaker)
     report = evaluate.EvalReport.model_validate(manifest.meta)
-    assert set(report.methods) == {"gstalker", "static", "nearest"}
+    assert list(report.methods) == list(evaluate.METHODS) == ["gstalker", "no_deformation", "static", "nearest"]
     assert report.frames == len(range(report.first_frame, report.first_frame + report.frames)) > 0
-    assert set(manifest.parts) >= {evaluate.REPORT_JSON, evaluate.REPORT_MD, evaluate.VIDEO}
-    assert "| gstalker |" in report.markdown() and "| static |" in report.markdown()
+    assert set(manifest.parts) >= {evaluate.REPORT_JSON, evaluate.REPORT_MD, evaluate.VIDEO, evaluate.CURVES_JSON,
+                                   evaluate.PLOT}
+    markdown = report.markdown()
+    assert "| gstalker |" in markdown and "| trained Gaussians, no deformation |" in markdown
+    assert "| static fit (mouth frozen) |" in markdown and f"mouth LMD (px@{report.resolution})" in markdown
     for scores in report.methods.values():
         # the full frame's error is the pixel-weighted mean of the regions' errors
         regions = [scores.region_psnr[r] for r in evaluate.REGIONS if scores.region_psnr[r] > 0]
         assert set(scores.region_psnr) == set(evaluate.REGIONS) and len(regions) >= 2
         assert min(regions) - 1e-6 <= scores.psnr <= max(regions) + 1e-6
+        assert 0.0 <= scores.person_coverage_worst_frame <= scores.person_coverage <= 1.0
+        assert 0.0 < scores.face_ssim <= 1.0
+    curves = evaluate.FrameCurves.model_validate_json(
+        fetch_part(tiny_speaker.store, manifest, evaluate.CURVES_JSON, tiny_speaker.cfg.cache_dir).read_text())
+    assert curves.frames == list(range(report.first_frame, report.first_frame + report.frames))
+    for name, scores in report.methods.items():
+        assert len(curves.psnr[name]) == report.frames
+        assert np.mean(curves.person_coverage[name]) == pytest.approx(scores.person_coverage)
+    assert sum(v is not None for v in curves.mouth_opening["truth"]) == report.mouth_frames
+    plot = fetch_part(tiny_speaker.store, manifest, evaluate.PLOT, tiny_speaker.cfg.cache_dir)
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_an_evaluation_report_of_code_version_2_still_loads():
+    """Reports stored before coverage and the ablation gave the mouth distance in 512 px pixels."""
+    old = {"frames": 10, "first_frame": 100, "resolution": 128, "mouth_frames": 9,
+           "truth_audio_energy_correlation": 0.2,
+           "methods": {name: {"psnr": 22.9, "ssim": 0.85, "face_psnr": 21.5, "face_ssim": 0.87,
+                              "region_psnr": {"head": 27.8, "torso": 17.1, "background": 28.1},
+                              "mouth_landmark_distance_px512": 1.68, "mouth_opening_correlation": 0.6,
+                              "audio_energy_correlation": 0.19, "jitter_px": 0.4, "frames_without_face": 0}
+                       for name in ("gstalker", "static", "nearest")}}
+    stored = json.dumps(old)
+    report = evaluate.EvalReport.model_validate(json.loads(stored))
+    assert report.methods["gstalker"].mouth_landmark_distance_px == pytest.approx(1.68 * 128 / 512)
+    assert report.methods["static"].person_coverage is None
+    assert "not measured" in report.markdown() and "| nearest-neighbour audio |" in report.markdown()
+    evaluate.EvalReport.model_validate(old)
+    assert old == json.loads(stored)  # the caller's dict (a manifest's meta) is left as it was
+
+
+def test_person_coverage_falls_as_the_head_rises_off_the_training_poses(tiny_speaker):
+    """Raised above its tracked pose, the head uncovers person pixels that the torso layer does
+    not reach: the background shows through where the chin was."""
+    from gstalker_core.metrics import COVERED_ALPHA, person_coverage
+    from gstalker_core.model.avatar import GaussianState, render_avatar
+    from gstalker_core.tracking.parsing import BACKGROUND
+
+    sp = tiny_speaker
+    bundle = fetch_bundle(sp.store, sp.bundle, sp.cfg.cache_dir)
+    train = tracking.open_dataset(sp.store, sp.track, sp.ingest, sp.cfg.cache_dir, split="train", shuffle=False)
+    t = int(train.indices[3])
+    person = train.sample(t).labels.numpy() != BACKGROUND
+    view, K = torch.from_numpy(train.arrays.viewmats[t]).float(), torch.from_numpy(bundle.K).float()
+    raised = view.clone()
+    raised[1, 3] -= 16 * view[2, 3] / K[1, 1]  # 16 px up in the image at the head's depth (y points down)
+    with torch.no_grad():
+        alpha = render_avatar(GaussianState.of(bundle.model.head), GaussianState.of(bundle.model.torso),
+                              torch.stack([view, raised]), K, torch.from_numpy(bundle.plate / 255.0).float()).alpha
+    shares = [person_coverage(a, torch.from_numpy(person)) for a in alpha]
+    for share, a in zip(shares, alpha.numpy()):
+        assert share == np.count_nonzero((a[..., 0] >= COVERED_ALPHA) & person) / np.count_nonzero(person)
+    assert shares[1] < shares[0] - 0.05, shares
+

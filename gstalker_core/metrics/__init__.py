@@ -15,19 +15,29 @@ SSIM_SIGMA = 1.5
 _C1, _C2 = 0.01 ** 2, 0.03 ** 2
 
 
-def _gaussian_window(channels: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    x = torch.arange(SSIM_WINDOW, dtype=dtype, device=device) - SSIM_WINDOW // 2
-    g = torch.exp(-x ** 2 / (2 * SSIM_SIGMA ** 2))
+def ssim_window(height: int, width: int) -> int:
+    """The SSIM window side for an image: 11 px, or the largest odd side that fits a smaller
+    image (a small face box), so that its SSIM is measured rather than left undefined."""
+    side = min(SSIM_WINDOW, height, width)
+    return side - 1 + side % 2
+
+
+def _gaussian_window(channels: int, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # a smaller window keeps the standard one's shape: sigma shrinks with the side
+    sigma = SSIM_SIGMA * size / SSIM_WINDOW
+    x = torch.arange(size, dtype=dtype, device=device) - size // 2
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
     g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW).contiguous()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
 
 
 def ssim_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-pixel SSIM (Wang et al. 2004, 11x11 Gaussian window, sigma 1.5), shape (N, C, H', W')."""
+    """Per-pixel SSIM (Wang et al. 2004, 11x11 Gaussian window, sigma 1.5; ``ssim_window``'s
+    smaller one, sigma scaled alike, for an image under 11 px a side), shape (N, C, H', W')."""
     a = a.reshape(-1, *a.shape[-3:]).permute(0, 3, 1, 2)
     b = b.reshape(-1, *b.shape[-3:]).permute(0, 3, 1, 2)
     channels = a.shape[1]
-    w = _gaussian_window(channels, a.dtype, a.device)
+    w = _gaussian_window(channels, ssim_window(*a.shape[-2:]), a.dtype, a.device)
     blur = lambda t: F.conv2d(t, w, groups=channels)  # noqa: E731  valid conv: no padding artefacts
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a ** 2
@@ -54,3 +64,18 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def psnr_of_mse(mse: float) -> float:
     """PSNR in dB of a mean squared error of images in [0, 1]."""
     return float("inf") if mse == 0 else -10.0 * math.log10(mse)
+
+
+# a person pixel at least this opaque in the composite shows (almost) none of the plate
+COVERED_ALPHA = 0.98
+
+
+def person_coverage(alpha: torch.Tensor, person: torch.Tensor) -> float:
+    """Share of the person's pixels that a render covers: ``alpha`` (..., H, W, 1) the
+    composite's opacity (head over torso, ``Layers.alpha``), ``person`` (..., H, W) bool the
+    person mask (head, neck and torso labels). A person pixel under ``COVERED_ALPHA`` shows
+    the background plate through the person, as between chin and collar when the head rises
+    off the torso. 1.0 when the mask is empty (nothing to cover)."""
+    person = person.to(device=alpha.device, dtype=torch.bool)
+    total = int(person.sum())
+    return int(((alpha[..., 0] >= COVERED_ALPHA) & person).sum()) / total if total else 1.0

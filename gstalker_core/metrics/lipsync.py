@@ -13,7 +13,6 @@ MOUTH_POINTS = np.array([0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 
                          267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415])
 UPPER_INNER_LIP, LOWER_INNER_LIP = 13, 14
 LEFT_MOUTH_CORNER, RIGHT_MOUTH_CORNER = 61, 291
-REFERENCE_RESOLUTION = 512  # distances are reported in pixels of a 512 px frame, the field's protocol
 
 
 def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
@@ -23,14 +22,15 @@ def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
     return gap / np.maximum(width, 1e-6)
 
 
-def mouth_landmark_distance(predicted: np.ndarray, truth: np.ndarray, resolution: int) -> float:
-    """Mean distance of the mouth points after centring each frame's mouth, in 512 px pixels."""
+def mouth_landmark_distance(predicted: np.ndarray, truth: np.ndarray) -> float:
+    """Mean distance of the mouth points after centring each frame's mouth, in pixels of the
+    frames the landmarks were found on: a landmarker's error at a smaller resolution is not
+    a smaller one at 512 px, so no rescaling."""
     def centred(lm: np.ndarray) -> np.ndarray:
         mouth = lm[:, MOUTH_POINTS, :2]
         return mouth - mouth.mean(axis=1, keepdims=True)
 
-    scale = REFERENCE_RESOLUTION / resolution
-    return float(np.linalg.norm(centred(predicted) - centred(truth), axis=-1).mean() * scale)
+    return float(np.linalg.norm(centred(predicted) - centred(truth), axis=-1).mean())
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float:

@@ -64,6 +64,12 @@ class Layers:
     head_meta: dict
     torso_meta: dict
 
+    @property
+    def alpha(self) -> torch.Tensor:
+        """(B, H, W, 1) opacity of head over torso: where it falls short of 1 the plate shows
+        through the composite."""
+        return 1 - (1 - self.head_alpha) * (1 - self.torso_alpha)
+
 
 def _render(state: GaussianState, viewmats: torch.Tensor, K: torch.Tensor, size: int, backend: str):
     """One rasteriser call for all of ``viewmats``' cameras; a batched state gives camera c

@@ -179,6 +179,13 @@ class GaussianModel(nn.Module):
             model.grad_count = state["densify"]["grad_count"].clone()
         return model.to(params["means"].device)
 
+    def with_geometry(self, means: torch.Tensor, quats: torch.Tensor, log_scales: torch.Tensor) -> "GaussianModel":
+        """A copy with these (N, ...) means, rotations and log-scales (one deformed frame), the
+        same opacities and colours."""
+        state = self.state()
+        geometry = {"means": means.detach(), "quats": quats.detach(), "log_scales": log_scales.detach()}
+        return GaussianModel.from_state({"config": state["config"], "params": {**state["params"], **geometry}})
+
     def save(self, path: Path) -> Path:
         save_file({p: getattr(self, p).detach().cpu().contiguous() for p in PARAMS}, str(path),
                   metadata={"format": FORMAT, "config": self.cfg.model_dump_json()})
