@@ -1,19 +1,31 @@
-"""Does a video's mouth follow its sound track? A weight-free lip-sync figure for any mp4.
+"""Do a trained speaker's lips follow voices it never heard? One command, one table.
 
-    .venv/bin/python bench/lipsync_check.py VIDEO.mp4 [VIDEO2.mp4 ...] [--size 128]
+    .venv/bin/python bench/lipsync_check.py --speaker cnn-anchor --real ../shared/data/cnn_anchor_71s.mp4
+    .venv/bin/python bench/lipsync_check.py --speaker de-anchor --real ../shared/data/german_anchor_20s.mp4 \
+        --voice ../shared/data/cnn_anchor_71s.mp4
 
-For each video: FaceMesh on every frame (at ``--size`` px, the model's resolution), the
-mouth opening (inner-lip gap / mouth width), the loudness of the video's own audio under
-each frame, and their correlation; also the correlation with loudness a few frames later
-and earlier (speech leads the lips by 0-2 frames), the spread of the mouth opening and
-the frames where no face was found. Run it on a dubbed video and, for scale, on a real
-clip of the speaker: a frozen or audio-blind mouth gives about 0 correlation.
+It dubs the speaker (the store of GSTALKER_HOME, as ``gstalker dub`` does, without Prefect)
+with a set of new voices, cut to ``--seconds``:
+- the shared English recording by another speaker (english_speech_60s.wav);
+- the shared German anchor's sound (german_anchor_20s.mp4), unless it is the real clip;
+- espeak-ng voices in English and German (when espeak-ng is installed);
+- sox changes of the English recording: pitch up 4 semitones, and 15% faster (when sox is);
+- any ``--voice`` files given (audio, or a video's sound).
+Then every dub, and the real clip at the model's resolution, are measured the same way:
+FaceMesh on each frame, the mouth opening (inner-lip gap / mouth width) and the loudness
+of the frame's audio; printed are the opening's spread (std) and its correlation with
+loudness at the best lag of -2..+2 frames (positive: the mouth follows the sound), each
+also as a ratio to the real clip's. Issue 18's bar: std >= 0.8x and r >= the real clip's.
+A mouth deaf to the audio gives r near 0. Voices are made in --work (kept between runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,50 +33,120 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from gstalker_core import dub as dubbing  # noqa: E402
+from gstalker_core.config import TrackConfig, load_config  # noqa: E402
+from gstalker_core.media import decode_audio, stream_frames  # noqa: E402
 from gstalker_core.metrics import lipsync  # noqa: E402
-from gstalker_core.config import TrackConfig  # noqa: E402
-from gstalker_core.media import decode_audio, probe, stream_frames  # noqa: E402
+from gstalker_core.speakers import load_speaker  # noqa: E402
+from gstalker_core.storage import open_store  # noqa: E402
 from gstalker_core.tracking.landmarks import MediapipeFaceMesh  # noqa: E402
 
 LAGS = (-2, -1, 0, 1, 2)  # frames: positive = the mouth follows the sound that many frames later
+DATA = REPO.parent / "shared" / "data"
+SAMPLE_RATE = 16000
+TEXTS = {
+    "en-us": "The committee met on Tuesday to review the budget for the coming year. Several members argued "
+             "that the new bridge should be finished before any other project begins, while others wanted the "
+             "money spent on schools and hospitals. After a long debate, they agreed to meet again next month.",
+    "de": "Der Ausschuss hat sich am Dienstag getroffen, um den Haushalt für das kommende Jahr zu prüfen. "
+          "Einige Mitglieder meinten, die neue Brücke solle zuerst fertig werden, andere wollten das Geld "
+          "lieber für Schulen und Krankenhäuser ausgeben. Nach langer Debatte vertagten sie sich auf nächsten Monat.",
+}
 
 
-def mouth_track(video: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mouth opening per frame, NaN where no face; face found flags)."""
+def make_voices(work: Path, real: Path, extra: list[Path]) -> dict[str, Path]:
+    """The voices to dub with, as 16 kHz mono wav files in ``work`` (made once)."""
+    work.mkdir(parents=True, exist_ok=True)
+    english = DATA / "english_speech_60s.wav"
+    voices = {"english_speech (other speaker)": english}
+    german = DATA / "german_anchor_20s.mp4"
+    if german.resolve() != real.resolve():
+        voices["german_anchor sound"] = german
+    if shutil.which("espeak-ng"):
+        for lang, text in TEXTS.items():
+            out = work / f"espeak-{lang}.wav"
+            if not out.exists():
+                subprocess.run(["espeak-ng", "-v", lang, "-s", "150", "-w", str(out), text], check=True)
+            voices[f"espeak-ng {lang}"] = out
+    if shutil.which("sox"):
+        for name, effect in (("pitch +4 st", ["pitch", "400"]), ("tempo x1.15", ["tempo", "1.15"])):
+            out = work / f"english-{effect[0]}.wav"
+            if not out.exists():
+                subprocess.run(["sox", str(english), "-r", str(SAMPLE_RATE), str(out), *effect], check=True)
+            voices[f"english_speech {name} (sox)"] = out
+    for path in extra:
+        voices[path.name] = path
+    return voices
+
+
+def mouth_track(video: Path, size: int, seconds: float) -> np.ndarray:
+    """Mouth opening per frame of the first ``seconds`` of ``video`` (NaN where no face)."""
     detector = MediapipeFaceMesh(TrackConfig())
     openings = []
     try:
         for frame in stream_frames(video, 25, size, size):
+            if len(openings) >= seconds * 25:
+                break
             points = detector.detect(frame)
             openings.append(np.nan if points is None else float(lipsync.mouth_opening(points[None])[0]))
     finally:
         detector.close()
-    opening = np.asarray(openings)
-    return opening, ~np.isnan(opening)
+    return np.asarray(openings)
 
 
-def lagged_correlation(opening: np.ndarray, energy: np.ndarray, found: np.ndarray, lag: int) -> float:
+def lip_figures(video: Path, size: int, seconds: float) -> tuple[float, float, int, int]:
+    """(opening std, correlation with loudness at the best lag, that lag, frames without a face)."""
+    opening = mouth_track(video, size, seconds)
+    found = ~np.isnan(opening)
+    energy = lipsync.audio_energy_per_frame(decode_audio(video, SAMPLE_RATE), SAMPLE_RATE, len(opening))
     n = len(opening)
-    idx = np.arange(max(0, -lag), min(n, n - lag))
-    keep = found[idx + lag]
-    return lipsync.pearson(opening[idx + lag][keep], energy[idx][keep])
+    best_r, best_lag = -2.0, 0
+    for lag in LAGS:
+        idx = np.arange(max(0, -lag), min(n, n - lag))
+        keep = found[idx + lag]
+        r = lipsync.pearson(opening[idx + lag][keep], energy[idx][keep])
+        if r > best_r:
+            best_r, best_lag = r, lag
+    return float(np.nanstd(opening)), best_r, best_lag, int((~found).sum())
+
+
+def cut(source: Path, dest: Path, seconds: float) -> Path:
+    """The first ``seconds`` of a voice (audio or a video's sound) as 16 kHz mono wav."""
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(source), "-t", str(seconds), "-vn", "-ac", "1",
+                    "-ar", str(SAMPLE_RATE), str(dest)], check=True)
+    return dest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("videos", nargs="+", type=Path)
-    parser.add_argument("--size", type=int, default=128, help="frame side the landmarker sees (px)")
+    parser.add_argument("--speaker", required=True, help="a trained speaker in the store")
+    parser.add_argument("--real", type=Path, required=True, help="the speaker's real footage (its training clip)")
+    parser.add_argument("--voice", type=Path, action="append", default=[], help="another voice to dub with")
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each dub")
+    parser.add_argument("--profile", default="preview")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gstalker-lipsync"), help="voices and dubs go here")
     args = parser.parse_args()
-    print(f"{'video':40s} {'frames':>6s} {'no face':>7s} {'open mean':>9s} {'open std':>8s} "
-          + " ".join(f"{'r@' + str(lag):>6s}" for lag in LAGS))
-    for video in args.videos:
-        info = probe(video)
-        opening, found = mouth_track(video, args.size)
-        energy = lipsync.audio_energy_per_frame(decode_audio(video, 16000), 16000, len(opening))
-        corr = [lagged_correlation(opening, energy, found, lag) for lag in LAGS]
-        print(f"{video.name[:40]:40s} {len(opening):6d} {int((~found).sum()):7d} {np.nanmean(opening):9.3f} "
-              f"{np.nanstd(opening):8.3f} " + " ".join(f"{c:6.3f}" for c in corr)
-              + ("" if info.has_audio else "  (no audio track)"))
+
+    cfg = load_config(args.profile)
+    bundle = load_speaker(open_store(cfg), args.speaker, cfg.cache_dir)
+    size = bundle.manifest.resolution
+    voices = make_voices(args.work / "voices", args.real, args.voice)
+    real_std, real_r, real_lag, real_missing = lip_figures(args.real, size, max(args.seconds, 60.0))
+    print(f"speaker {args.speaker} at {size} px; real clip {args.real.name}: mouth-opening std {real_std:.4f}, "
+          f"r {real_r:.3f} at lag {real_lag:+d} (first {max(args.seconds, 60.0):.0f} s, {real_missing} frames "
+          f"without a face)")
+    print(f"{'voice':38s} {'std':>7s} {'x real':>6s} {'r best':>7s} {'lag':>4s} {'r - real':>8s} {'no face':>7s} "
+          f"{'dub fps':>7s}")
+    for name, path in voices.items():
+        stem = "".join(c if c.isalnum() else "_" for c in name)
+        wav = cut(path, args.work / f"{stem}.wav", args.seconds)
+        video = args.work / f"{args.speaker}-{stem}.mp4"
+        start = time.perf_counter()
+        manifest = dubbing.dub(bundle, wav, video, cfg.dub)
+        fps = manifest.n_frames / (time.perf_counter() - start)
+        std, r, lag, missing = lip_figures(video, size, args.seconds)
+        print(f"{name[:38]:38s} {std:7.4f} {std / real_std:6.2f} {r:7.3f} {lag:+4d} {r - real_r:+8.3f} "
+              f"{missing:7d} {fps:7.1f}")
 
 
 if __name__ == "__main__":
