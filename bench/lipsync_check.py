@@ -40,6 +40,7 @@ from gstalker_core.metrics import lipsync  # noqa: E402
 from gstalker_core.speakers import load_speaker  # noqa: E402
 from gstalker_core.storage import open_store  # noqa: E402
 from gstalker_core.tracking.landmarks import MediapipeFaceMesh  # noqa: E402
+from gstalker_core.tracking.topology import FACEMESH  # noqa: E402
 
 LAGS = (-2, -1, 0, 1, 2)  # frames: positive = the mouth follows the sound that many frames later
 DATA = REPO.parent / "shared" / "data"
@@ -88,7 +89,7 @@ def mouth_track(video: Path, size: int, seconds: float) -> np.ndarray:
             if len(openings) >= seconds * 25:
                 break
             points = detector.detect(frame)
-            openings.append(np.nan if points is None else float(lipsync.mouth_opening(points[None])[0]))
+            openings.append(np.nan if points is None else float(lipsync.mouth_opening(points[None], FACEMESH)[0]))
     finally:
         detector.close()
     return np.asarray(openings)

@@ -44,7 +44,8 @@ from .runtime import configure
 from .model.talking_head import CanonicalCodes, TalkingHead
 from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
 from .tracking import SpeakerDataset
-from .tracking.landmarks import FACE_OVAL, MediapipeFaceMesh
+from .tracking.landmarks import MediapipeFaceMesh
+from .tracking.topology import FACEMESH, Topology
 
 STAGE = "evaluate"
 # 3: person coverage, the no-deformation ablation, face SSIM of small boxes, mouth-landmark
@@ -183,9 +184,9 @@ def nearest_training_frames(features: np.ndarray, test_frames: np.ndarray, train
     return np.asarray(out)
 
 
-def face_box(landmarks: np.ndarray, size: int) -> tuple[slice, slice]:
+def face_box(landmarks: np.ndarray, topology: Topology, size: int) -> tuple[slice, slice]:
     """The face oval's bounding box within the frame, at least one pixel (every frame is scored)."""
-    pts = landmarks[FACE_OVAL, :2]
+    pts = landmarks[topology.face_oval, :2]
     (x0, y0), (x1, y1) = np.floor(pts.min(0)).astype(int), np.ceil(pts.max(0)).astype(int)
     y0, x0 = min(max(y0, 0), size - 1), min(max(x0, 0), size - 1)
     return slice(y0, min(max(y1, y0 + 1), size)), slice(x0, min(max(x1, x0 + 1), size))
@@ -260,7 +261,8 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
                 rendered = {name: image[k] for name, image in images.items()}
                 truth_lm = detectors["truth"].detect(truth)
                 landmarks["truth"].append(truth_lm)
-                box = face_box(truth_lm if truth_lm is not None else a.landmarks[t], size)
+                box = (face_box(truth_lm, FACEMESH, size) if truth_lm is not None
+                       else face_box(a.landmarks[t], test.topology, size))
                 truth_f = torch.from_numpy(truth.astype(np.float32) / 255.0)
                 masks = {r: np.isin(sample.labels.numpy(), labels) for r, labels in REGIONS.items()}
                 person = torch.from_numpy(~masks["background"])
@@ -287,10 +289,15 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     if writer:
         writer.close()
     energy = lipsync.audio_energy_per_frame(samples_16k, 16000, int(frames[-1]) + 1)[frames]
-    # where the landmarker misses a real frame, the tracked landmarks of that frame stand in
-    truth_lm = np.stack([f if f is not None else test.arrays.landmarks[t] for f, t in zip(landmarks["truth"], frames)])
-    uncovered = ~test.arrays.mouth_covered[frames]
-    truth_open = lipsync.mouth_opening(truth_lm)
+    # where the landmarker misses a real frame, the tracked landmarks of that frame stand in when
+    # they are FaceMesh's too; with a track of another topology (unknown: NaN) that frame is left
+    # out of the mouth metrics like a covered mouth
+    unknown = np.full((FACEMESH.n_points, 3), np.nan, np.float32)
+    tracked = test.topology is FACEMESH
+    truth_lm = np.stack([f if f is not None else a.landmarks[t] if tracked else unknown
+                         for f, t in zip(landmarks["truth"], frames)])
+    uncovered = ~test.arrays.mouth_covered[frames] & np.isfinite(truth_lm).all(axis=(1, 2))
+    truth_open = lipsync.mouth_opening(truth_lm, FACEMESH)
     n = len(frames)
     scores = {}
     opening_curves = {"truth": _per_frame(truth_open[uncovered], uncovered)}
@@ -300,7 +307,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
         detected = np.array([x is not None for x in landmarks[name]])
         found = detected & uncovered
         lm = _stack(landmarks[name], found, truth_lm[:0])
-        opening = lipsync.mouth_opening(lm)
+        opening = lipsync.mouth_opening(lm, FACEMESH)
         opening_curves[name] = _per_frame(opening, found)
         s = sums[name]
         scores[name] = MethodScores(
@@ -308,7 +315,8 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
             face_ssim=s["face_ssim"] / n,
             region_psnr={r: _psnr(region_se[name][r], region_pixels[r]) for r in REGIONS},
             person_coverage=float(np.mean(coverage[name])), person_coverage_worst_frame=float(np.min(coverage[name])),
-            mouth_landmark_distance_px=lipsync.mouth_landmark_distance(lm, truth_lm[found]) if found.any() else None,
+            mouth_landmark_distance_px=lipsync.mouth_landmark_distance(lm, truth_lm[found], FACEMESH)
+            if found.any() else None,
             mouth_opening_correlation=lipsync.pearson(opening, truth_open[found]),
             audio_energy_correlation=lipsync.pearson(opening, energy[found]),
             jitter_px=lipsync.landmark_jitter(_stack(landmarks[name], detected, truth_lm[:0])),

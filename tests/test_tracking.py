@@ -19,8 +19,9 @@ from gstalker_core.tracking import (HEAD, NECK, TORSO, FrameRange, SpeakerDatase
                                     compose_targets, track_clip)
 from gstalker_core.tracking.parsing import BEHIND_HEAD_BAND, behind_head
 from gstalker_core.tracking import pose
-from gstalker_core.tracking.landmarks import CHIN, FOREHEAD, make_backend
+from gstalker_core.tracking.landmarks import make_backend
 from gstalker_core.tracking.plate import background_plate
+from gstalker_core.tracking.topology import FACEMESH
 from gstalker_core.tracking.track import LABELS, PLATE, QA_VIDEO
 from gstalker_core.data.frames import ChunkReader
 
@@ -134,7 +135,7 @@ def test_labels_put_the_head_above_the_jaw(moving_clip):
     lm = np.load(workdir / "landmarks.npy")[0]
     first = labels[0]
     assert first.shape == frames[0].shape[:2] and set(np.unique(first)) <= {0, 1, 2, 3}
-    chin, top = lm[CHIN, :2], lm[FOREHEAD, :2]
+    chin, top = lm[FACEMESH.chin, :2], lm[FACEMESH.top, :2]
     face_h = np.linalg.norm(chin - top)
     x, y = int(top[0]), int(top[1] + 0.1 * face_h)
     assert first[y, x] == HEAD  # forehead
@@ -159,7 +160,7 @@ def test_focal_search_recovers_the_field_of_view_of_a_turning_head(moving_clip, 
     cam = np.einsum("nij,pj->npi", rots.as_matrix(), template) + [0, 0, distance]
     landmarks = np.concatenate([cam[..., :2] / cam[..., 2:] * focal + size / 2,
                                 ((cam[..., 2] - distance) * focal / distance)[..., None]], axis=-1)
-    choice = pose.choose_focal(landmarks, np.ones(n, bool), size, (8.0, 60.0), n)
+    choice = pose.choose_focal(landmarks, np.ones(n, bool), size, (8.0, 60.0), n, FACEMESH)
     assert math.degrees(2 * math.atan(size / 2 / choice.focal)) == pytest.approx(fov, abs=1.0)
     assert choice.spread > 0.05 * choice.residual  # determined: not the prior's case
 
@@ -223,7 +224,7 @@ def test_hand_over_the_mouth_is_marked_and_left_out_of_training(tmp_path):
     assert any("mouth looks covered" in w and "frames 20-29" in w for w in manifest.warnings)
     arrays = TrackArrays.load({p.name: p for p in tmp_path.iterdir()})
     assert np.flatnonzero(arrays.mouth_covered).tolist() == list(covered)
-    opening = mouth_opening(arrays.landmarks)
+    opening = mouth_opening(arrays.landmarks, FACEMESH)
     assert opening[list(covered)].max() < 0.5 * np.median(opening)  # the mouth landmarks there are a guess
     labels = ChunkReader(sorted(tmp_path.glob(f"{LABELS}_*.npz")), manifest.chunk_frames, n)
     train = SpeakerDataset(frames, labels, manifest, arrays, split="train")

@@ -20,6 +20,7 @@ import torch
 
 from ..audio import frame_windows
 from .frames import ChunkReader
+from ..tracking.topology import Topology, topology_named
 from ..tracking.track import BLINK, INTRINSICS, LANDMARKS, MOUTH_COVERED, TEMPLATE, VALID, VIEWMATS, TrackManifest
 
 
@@ -27,11 +28,11 @@ from ..tracking.track import BLINK, INTRINSICS, LANDMARKS, MOUTH_COVERED, TEMPLA
 class TrackArrays:
     viewmats: np.ndarray  # (N, 4, 4) float32 world-to-camera
     K: np.ndarray  # (3, 3) float32
-    landmarks: np.ndarray  # (N, 478, 3) float32: pixel x, y; relative depth z in pixels
+    landmarks: np.ndarray  # (N, P, 3) float32: pixel x, y; relative depth z in pixels (P: the track's topology)
     blink: np.ndarray  # (N,) float32 eye closure in [0, 1]
     valid: np.ndarray  # (N,) bool, False where interpolated
     mouth_covered: np.ndarray  # (N,) bool, True where a hand (or object) hides the mouth
-    template: np.ndarray  # (478, 3) float32 world points
+    template: np.ndarray  # (P, 3) float32 world points
 
     @classmethod
     def load(cls, parts: dict[str, Path]) -> "TrackArrays":
@@ -73,6 +74,11 @@ class SpeakerDataset(torch.utils.data.IterableDataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def topology(self) -> Topology:
+        """The landmark groups of ``arrays.landmarks`` (the tracking backend's)."""
+        return topology_named(self.manifest.landmark_topology)
 
     def __getitem__(self, k: int) -> Sample:
         return self.sample(int(self.indices[k]))

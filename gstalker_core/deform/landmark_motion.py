@@ -2,7 +2,7 @@
 
 At 128-256 px the lips move by a pixel or two, so the photometric loss alone barely tells
 the face field where the mouth went (the first preview models learned to ignore the audio).
-The tracker already knows: every frame's 478 landmarks, the head pose and the speaker's
+The tracker already knows: every frame's landmarks, the head pose and the speaker's
 rigid template. Taking each observed landmark back into the head frame gives how far that
 point of the face moved away from the template in that frame; the face field, evaluated at
 the template points, is trained to predict exactly that offset from the frame's audio and

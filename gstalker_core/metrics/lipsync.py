@@ -1,4 +1,5 @@
-"""Lip metrics that need no downloaded weights, from MediaPipe FaceMesh landmarks (478 points).
+"""Lip metrics that need no downloaded weights, from face landmarks of any topology
+(``tracking.topology``: evaluation's own landmarker is FaceMesh's).
 
 Used by evaluation (rendered vs ground-truth frames) and by tests that check that the
 mouth follows the audio.
@@ -8,26 +9,25 @@ from __future__ import annotations
 
 import numpy as np
 
-# FaceMesh topology (the 40 points of FACEMESH_LIPS; inner-lip midpoints and mouth corners).
-MOUTH_POINTS = np.array([0, 13, 14, 17, 37, 39, 40, 61, 78, 80, 81, 82, 84, 87, 88, 91, 95, 146, 178, 181, 185, 191,
-                         267, 269, 270, 291, 308, 310, 311, 312, 314, 317, 318, 321, 324, 375, 402, 405, 409, 415])
-UPPER_INNER_LIP, LOWER_INNER_LIP = 13, 14
-LEFT_MOUTH_CORNER, RIGHT_MOUTH_CORNER = 61, 291
+from ..tracking.topology import Topology
 
 
-def mouth_opening(landmarks: np.ndarray) -> np.ndarray:
-    """Inner-lip gap over mouth width, per frame: (N, 478, 2+) -> (N,). Scale-free."""
-    gap = np.linalg.norm(landmarks[:, UPPER_INNER_LIP, :2] - landmarks[:, LOWER_INNER_LIP, :2], axis=-1)
-    width = np.linalg.norm(landmarks[:, LEFT_MOUTH_CORNER, :2] - landmarks[:, RIGHT_MOUTH_CORNER, :2], axis=-1)
+def mouth_opening(landmarks: np.ndarray, topology: Topology) -> np.ndarray:
+    """Inner-lip gap over mouth width, per frame: (N, P, 2+) -> (N,). Scale-free."""
+    (upper, lower), (left, right) = topology.lip_gap, topology.mouth_corners
+    gap = np.linalg.norm(landmarks[:, upper, :2] - landmarks[:, lower, :2], axis=-1)
+    width = np.linalg.norm(landmarks[:, left, :2] - landmarks[:, right, :2], axis=-1)
     return gap / np.maximum(width, 1e-6)
 
 
-def mouth_landmark_distance(predicted: np.ndarray, truth: np.ndarray) -> float:
+def mouth_landmark_distance(predicted: np.ndarray, truth: np.ndarray, topology: Topology) -> float:
     """Mean distance of the mouth points after centring each frame's mouth, in pixels of the
     frames the landmarks were found on: a landmarker's error at a smaller resolution is not
     a smaller one at 512 px, so no rescaling."""
+    points = topology.mouth
+
     def centred(lm: np.ndarray) -> np.ndarray:
-        mouth = lm[:, MOUTH_POINTS, :2]
+        mouth = lm[:, points, :2]
         return mouth - mouth.mean(axis=1, keepdims=True)
 
     return float(np.linalg.norm(centred(predicted) - centred(truth), axis=-1).mean())

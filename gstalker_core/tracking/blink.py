@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .landmarks import EYES
+from .topology import Topology
 
 
-def eye_aspect_ratio(landmarks: np.ndarray) -> np.ndarray:
-    """(N,) mean over both eyes of (|p2-p6| + |p3-p5|) / (2 |p1-p4|) from (N, 478, >=2) landmarks."""
+def eye_aspect_ratio(landmarks: np.ndarray, topology: Topology) -> np.ndarray:
+    """(N,) mean over both eyes of (|p2-p6| + |p3-p5|) / (2 |p1-p4|) from (N, P, >=2) landmarks."""
     ratios = []
-    for eye in EYES:
+    for eye in topology.eyes:
         p = landmarks[:, eye, :2]
         vertical = np.linalg.norm(p[:, 1] - p[:, 5], axis=-1) + np.linalg.norm(p[:, 2] - p[:, 4], axis=-1)
         ratios.append(vertical / np.maximum(2 * np.linalg.norm(p[:, 0] - p[:, 3], axis=-1), 1e-6))

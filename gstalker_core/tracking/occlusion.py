@@ -17,19 +17,19 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .landmarks import CHEEK_SKIN, FACE_OVAL, OUTER_LIPS
+from .topology import Topology
 
 CHEEK_RADIUS = 0.05  # of the face width: small skin patches that stay on the cheek as the head turns
 
 
-def mouth_skin_contrast(frame: np.ndarray, points: np.ndarray) -> float:
+def mouth_skin_contrast(frame: np.ndarray, points: np.ndarray, topology: Topology) -> float:
     """Lab distance between the median colours inside the outer lip contour and on the cheeks
-    of one RGB uint8 frame with its (478, >=2) landmarks; NaN when either region is off the frame."""
+    of one RGB uint8 frame with its (P, >=2) landmarks; NaN when either region is off the frame."""
     lips = np.zeros(frame.shape[:2], np.uint8)
-    cv2.fillPoly(lips, [np.round(points[OUTER_LIPS, :2] - 0.5).astype(np.int32)], 1)
+    cv2.fillPoly(lips, [np.round(points[topology.outer_lips, :2] - 0.5).astype(np.int32)], 1)
     cheeks = np.zeros_like(lips)
-    radius = max(1, round(CHEEK_RADIUS * float(np.ptp(points[FACE_OVAL, 0]))))
-    for x, y in np.round(points[CHEEK_SKIN, :2] - 0.5).astype(int):
+    radius = max(1, round(CHEEK_RADIUS * float(np.ptp(points[topology.face_oval, 0]))))
+    for x, y in np.round(topology.cheek_points(points)[:, :2] - 0.5).astype(int):
         cv2.circle(cheeks, (int(x), int(y)), radius, 1, -1)
     if not lips.any() or not cheeks.any():
         return float("nan")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .landmarks import CHIN, FOREHEAD, JAW
+from .topology import Topology
 
 BACKGROUND, HEAD, NECK, TORSO = 0, 1, 2, 3
 
@@ -21,23 +21,26 @@ BACKGROUND, HEAD, NECK, TORSO = 0, 1, 2, 3
 class Parser:
     """Labels for one resolution (the pixel grid is built once)."""
 
-    def __init__(self, height: int, width: int, neck_half_width: float, neck_length: float):
+    def __init__(self, height: int, width: int, neck_half_width: float, neck_length: float, topology: Topology):
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5  # pixel centres
         self._pix = np.stack([xs.ravel(), ys.ravel()], axis=1)
         self.shape = (height, width)
         self.neck_half_width = neck_half_width
         self.neck_length = neck_length
+        self.topology = topology
 
     def labels(self, person: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-        """(H, W) uint8 labels from a boolean person mask and (478, >=2) pixel landmarks."""
-        chin, top = landmarks[CHIN, :2], landmarks[FOREHEAD, :2]
+        """(H, W) uint8 labels from a boolean person mask and (P, >=2) pixel landmarks."""
+        topology = self.topology
+        chin, top = landmarks[topology.chin, :2], landmarks[topology.top, :2]
         up = top - chin
-        face_height = float(np.linalg.norm(up)) or 1.0
-        up /= face_height
+        chin_to_top = float(np.linalg.norm(up)) or 1.0
+        up /= chin_to_top
+        face_height = topology.face_height_per_top * chin_to_top
         right = np.array([-up[1], up[0]])  # image +x for an upright head (y is down)
         rel = self._pix - chin
         across, along = rel @ right, rel @ up
-        jaw = (landmarks[JAW, :2] - chin) @ np.stack([right, up], axis=1)
+        jaw = (landmarks[topology.jaw, :2] - chin) @ np.stack([right, up], axis=1)
         order = np.argsort(jaw[:, 0])
         jaw_along = np.interp(across, jaw[order, 0], jaw[order, 1])  # flat beyond the jaw ends
         face_width = float(jaw[:, 0].max() - jaw[:, 0].min()) or 1.0

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from scipy.spatial.transform import Rotation, Slerp
 
-from .landmarks import CHIN, FOREHEAD, OUTER_EYE_CORNERS, STABLE
+from .topology import Topology
 
 EYE_SPAN = 0.09
 GOLDEN = (math.sqrt(5) - 1) / 2
@@ -56,46 +56,48 @@ def _umeyama(src: np.ndarray, dst: np.ndarray) -> tuple[float, np.ndarray, np.nd
     return scale, rot, mu_d - scale * rot @ mu_s
 
 
-def learn_template(landmarks: np.ndarray, iterations: int = 3) -> np.ndarray:
-    """The speaker's rigid face (478, 3) in world units from per-frame 3D points (F, 478, 3)
-    (camera-space points from ``lift_landmarks``).
+def learn_template(landmarks: np.ndarray, topology: Topology, iterations: int = 3) -> np.ndarray:
+    """The speaker's rigid face (P, 3) in world units from per-frame 3D points (F, P, 3)
+    (camera-space points from ``lift_landmarks``) of ``topology``.
 
     Each frame's mesh is similarity-aligned on the stable points to the running mean, and
     the mean is the per-point median (robust to frames with a bad mesh). The result is
     rotated into the canonical frontal frame and scaled so the eye corners are EYE_SPAN apart.
     """
+    stable, (left_eye, right_eye) = topology.stable, topology.outer_eye_corners
     shapes = landmarks.astype(np.float64)
     mean = shapes[len(shapes) // 2]
     for _ in range(iterations):
         aligned = np.empty_like(shapes)
         for i, shape in enumerate(shapes):
-            s, rot, t = _umeyama(shape[STABLE], mean[STABLE])
+            s, rot, t = _umeyama(shape[stable], mean[stable])
             aligned[i] = s * shape @ rot.T + t
         mean = np.median(aligned, axis=0)
-    x_axis = mean[OUTER_EYE_CORNERS[1]] - mean[OUTER_EYE_CORNERS[0]]
+    x_axis = mean[right_eye] - mean[left_eye]
     x_axis /= np.linalg.norm(x_axis)
-    down = mean[CHIN] - mean[FOREHEAD]
+    down = mean[topology.chin] - mean[topology.top]
     y_axis = down - x_axis * (down @ x_axis)
     y_axis /= np.linalg.norm(y_axis)
     basis = np.stack([x_axis, y_axis, np.cross(x_axis, y_axis)])  # rows: world axes in mesh coordinates
-    centred = (mean - mean[STABLE].mean(0)) @ basis.T
-    span = np.linalg.norm(centred[OUTER_EYE_CORNERS[1]] - centred[OUTER_EYE_CORNERS[0]])
+    centred = (mean - mean[stable].mean(0)) @ basis.T
+    span = np.linalg.norm(centred[right_eye] - centred[left_eye])
     return (centred * (EYE_SPAN / span)).astype(np.float32)
 
 
-def fit_poses(template: np.ndarray, points_2d: np.ndarray, fitted: np.ndarray, K: np.ndarray) -> PoseFit:
+def fit_poses(template: np.ndarray, points_2d: np.ndarray, fitted: np.ndarray, K: np.ndarray, topology: Topology
+              ) -> PoseFit:
     """Rigid fit of the template's stable points to each frame's 2D landmarks (perspective PnP).
 
     ``fitted`` (N,) bool selects frames with landmarks. Each fit starts from the previous
     frame's pose (Levenberg-Marquardt), falling back to SQPnP after a gap.
     """
-    obj = template[STABLE].astype(np.float64)
+    obj = template[topology.stable].astype(np.float64)
     n = len(points_2d)
     rvecs, tvecs = np.zeros((n, 3)), np.zeros((n, 3))
     residual = np.full(n, np.nan)
     prev: tuple[np.ndarray, np.ndarray] | None = None
     for i in np.flatnonzero(fitted):
-        img = points_2d[i][STABLE].astype(np.float64)
+        img = points_2d[i][topology.stable].astype(np.float64)
         if prev is None:
             _, rvec, tvec = cv2.solvePnP(obj, img, K, None, flags=cv2.SOLVEPNP_SQPNP)
         else:
@@ -111,7 +113,7 @@ def fit_poses(template: np.ndarray, points_2d: np.ndarray, fitted: np.ndarray, K
     return PoseFit(rvecs, tvecs, residual)
 
 
-def lift_landmarks(landmarks: np.ndarray, focal: float, cx: float, cy: float) -> np.ndarray:
+def lift_landmarks(landmarks: np.ndarray, focal: float, cx: float, cy: float, topology: Topology) -> np.ndarray:
     """Camera-space 3D points (F, P, 3) of (F, P, 3) detector landmarks under a pinhole of ``focal``.
 
     The detector's x, y carry the perspective of the shot while its z is a weak-perspective
@@ -121,7 +123,7 @@ def lift_landmarks(landmarks: np.ndarray, focal: float, cx: float, cy: float) ->
     each point's depth adds the detector's relative z at that distance, and x, y are
     back-projected through the pinhole.
     """
-    a, b = OUTER_EYE_CORNERS
+    a, b = topology.outer_eye_corners
     span_px = np.linalg.norm(landmarks[:, b, :2] - landmarks[:, a, :2], axis=1)
     distance = focal * EYE_SPAN / np.maximum(span_px, 1e-6)
     depth = distance[:, None] + landmarks[..., 2] * (distance / focal)[:, None]
@@ -138,7 +140,7 @@ class FocalChoice:
 
 
 def choose_focal(landmarks: np.ndarray, fitted: np.ndarray, size: int, fov_range: tuple[float, float],
-                 n_frames: int) -> FocalChoice:
+                 n_frames: int, topology: Topology) -> FocalChoice:
     """One focal length for the clip: golden-section search over the field of view for the
     smallest mean reprojection error of the template lifted at that focal, on up to
     ``n_frames`` frames spread over the clip."""
@@ -149,8 +151,9 @@ def choose_focal(landmarks: np.ndarray, fitted: np.ndarray, size: int, fov_range
 
     def cost(fov: float) -> float:
         f = focal_from_fov(fov, size)
-        template = learn_template(lift_landmarks(sample, f, size / 2, size / 2))
-        seen.append(float(np.mean(fit_poses(template, sample[..., :2], ok, intrinsics(f, size, size)).residual)))
+        template = learn_template(lift_landmarks(sample, f, size / 2, size / 2, topology), topology)
+        fit = fit_poses(template, sample[..., :2], ok, intrinsics(f, size, size), topology)
+        seen.append(float(np.mean(fit.residual)))
         return seen[-1]
 
     lo, hi = fov_range

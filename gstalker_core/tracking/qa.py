@@ -15,8 +15,8 @@ import cv2
 import numpy as np
 
 from ..media import VideoWriter
-from .landmarks import STABLE
 from .pose import EYE_SPAN, project
+from .topology import Topology
 
 LABEL_COLOURS = np.array([[0, 0, 0], [255, 220, 0], [0, 220, 255], [255, 0, 200]], np.uint8)
 _COLOUR_LUT = np.zeros((256, 1, 3), np.uint8)  # cv2.LUT form: label value -> colour, per channel
@@ -25,13 +25,13 @@ AXIS_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 80, 255))
 
 
 def draw_qa_frame(frame: np.ndarray, labels: np.ndarray, landmarks: np.ndarray, view: np.ndarray, K: np.ndarray,
-                  valid: bool) -> np.ndarray:
+                  valid: bool, topology: Topology) -> np.ndarray:
     """(H, 2W, 3) uint8 side-by-side panel for one frame."""
     left = np.ascontiguousarray(frame).copy()
     h, w = left.shape[:2]
     pts = np.clip(landmarks[:, :2].astype(int), 0, [w - 1, h - 1])  # floor: the pixel holding the point
     left[pts[:, 1], pts[:, 0]] = (0, 255, 0)
-    left[pts[STABLE, 1], pts[STABLE, 0]] = (255, 0, 0)
+    left[pts[topology.stable, 1], pts[topology.stable, 0]] = (255, 0, 0)
     axes = np.vstack([np.zeros(3), np.eye(3) * EYE_SPAN])
     ends = project(axes, view[None], K)[0]
     thickness = max(1, w // 128)
@@ -49,11 +49,11 @@ def draw_qa_frame(frame: np.ndarray, labels: np.ndarray, landmarks: np.ndarray, 
 
 
 def write_qa_video(dest: Path, frames: Sequence[np.ndarray], labels: Sequence[np.ndarray], landmarks: np.ndarray,
-                   viewmats: np.ndarray, K: np.ndarray, valid: np.ndarray, fps: int = 25) -> Path:
+                   viewmats: np.ndarray, K: np.ndarray, valid: np.ndarray, topology: Topology, fps: int = 25) -> Path:
     """Stream the QA panels into an H.264 (yuv420p) mp4 at ``dest``; memory is one frame."""
     h, w = np.asarray(frames[0]).shape[:2]
     with VideoWriter(Path(dest), 2 * w + (2 * w) % 2, h + h % 2, fps) as writer:
         for i, frame in enumerate(frames):
-            panel = draw_qa_frame(frame, labels[i], landmarks[i], viewmats[i], K, bool(valid[i]))
+            panel = draw_qa_frame(frame, labels[i], landmarks[i], viewmats[i], K, bool(valid[i]), topology)
             writer.write(np.pad(panel, ((0, h % 2), (0, (2 * w) % 2), (0, 0))))
     return Path(dest)

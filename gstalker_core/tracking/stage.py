@@ -14,6 +14,7 @@ from ..config import PipelineConfig
 from ..data.frames import ChunkReader
 from ..storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_stage, run_stage
 from ..data.dataset import SpeakerDataset, TrackArrays
+from ..runtime import select_device
 from .track import LABELS, Progress, TrackManifest, track_clip
 
 STAGE = "track"
@@ -35,7 +36,10 @@ def run(store: ArtifactStore, ingest_run: StageManifest, cfg: PipelineConfig, pr
 
     def build(workdir: Path) -> dict:
         frames = ingest.open_frames(store, ingest_run, cfg.cache_dir)
-        manifest = track_clip(frames, cfg.track, workdir, progress, fps=meta.fps, chunk_frames=meta.chunk_frames)
+        # mediapipe runs on the CPU whatever runtime.device says
+        device = "cpu" if cfg.track.landmark_backend == "mediapipe" else str(select_device(cfg.runtime))
+        manifest = track_clip(frames, cfg.track, workdir, progress, fps=meta.fps, chunk_frames=meta.chunk_frames,
+                              device=device)
         return manifest.model_dump(mode="json")
 
     return run_stage(store, work(ingest_run, cfg), build, cfg.cache_dir)

@@ -32,7 +32,6 @@ from ..data.conditions import FrameSource, to_device
 from ..config import PipelineConfig, TrainConfig
 from ..deform.landmark_motion import canonical_offsets, guide_loss
 from ..errors import InputError
-from ..metrics.lipsync import MOUTH_POINTS
 from ..metrics import psnr_of_mse
 from ..render.gaussians import GaussianModel
 from ..runtime import configure
@@ -41,6 +40,7 @@ from ..storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_p
 from ..storage.checkpoints import Checkpoints
 from ..model.talking_head import TalkingHead
 from ..tracking import SpeakerDataset
+from ..tracking.topology import Topology
 
 STAGE = "deform"
 CODE_VERSION = "5"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
@@ -58,9 +58,9 @@ class DeformTrainManifest(BaseModel):
     resumed_from: int
 
 
-def mouth_weights(landmarks: np.ndarray, size: int, margin: float = 0.3) -> np.ndarray:
+def mouth_weights(landmarks: np.ndarray, topology: Topology, size: int, margin: float = 0.3) -> np.ndarray:
     """(H, W) mask of the mouth box (mouth landmarks' extent grown by ``margin``)."""
-    pts = landmarks[MOUTH_POINTS, :2]
+    pts = landmarks[topology.mouth, :2]
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     pad = (hi - lo) * margin
     (x0, y0), (x1, y1) = np.floor(lo - pad).astype(int), np.ceil(hi + pad).astype(int)
@@ -190,8 +190,8 @@ class PhotometricLoss:
         loss = losses["composite"] + cfg.layer_loss_weight * (losses["head"] + losses["torso"])
         if step >= cfg.lip_start and cfg.lip_weight > 0:
             size = source.plate.shape[0]
-            mouth = to_device(np.stack([mouth_weights(train.arrays.landmarks[i], size) for i in frames]),
-                              source.device)[..., None]
+            boxes = [mouth_weights(train.arrays.landmarks[i], train.topology, size) for i in frames]
+            mouth = to_device(np.stack(boxes), source.device)[..., None]
             loss = loss + cfg.lip_weight * ((layers.rgb - target["rgb"]).abs() * mouth).sum() / mouth.sum().clamp_min(1)
         loss = loss + cfg.latent_smoothness_weight * self.model.torso_field.latent_smoothness()
         return loss, (layers.rgb.detach() - target["rgb"]).square().mean()
