@@ -11,7 +11,7 @@ from gstalker_core.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-pytest_plugins = ["tests.fixtures.s3server", "tests.fixtures.media", "tests.fixtures.speaker"]
+pytest_plugins = ["tests.fixtures.s3server", "tests.fixtures.media", "tests.fixtures.speaker", "tests.fixtures.offline"]
 
 
 @pytest.fixture

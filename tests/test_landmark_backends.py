@@ -1,5 +1,13 @@
-"""Landmark topologies: the groups of each model's points, checked with real FaceMesh points
-mapped onto the 68-point markup."""
+"""Landmark topologies and the optional landmark backends (face-alignment).
+
+The backends' tests load randomly initialised models saved where the user's weights would be
+(``tests/fixtures/landmark_models.py`` says which architectures): they show that tracking
+runs end to end offline from a local model folder, with the right shapes and topology in the
+stored track, and that bad folders and models fail with error/fix. They say nothing about
+landmark accuracy (random points), so they relax the tracking QA thresholds that garbage
+points would trip. Accuracy of the topology groups themselves is checked with real FaceMesh
+points mapped onto the 68-point markup.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +19,11 @@ from gstalker_core.errors import ConfigError
 from gstalker_core.metrics.lipsync import mouth_opening
 from gstalker_core.tracking import HEAD, NECK, TrackConfig, track_clip
 from gstalker_core.tracking import track as track_module
-from gstalker_core.tracking.landmarks import MediapipeFaceMesh
+from gstalker_core.tracking.landmarks import MediapipeFaceMesh, make_backend
 from gstalker_core.tracking.topology import FACEMESH, IBUG68, TOPOLOGIES, Topology
 from gstalker_core.tracking.track import LABELS
 from gstalker_core.data.frames import ChunkReader
+from tests.fixtures.landmark_models import save_face_alignment_models
 from tests.test_tracking import motion, warped_face
 
 # FaceMesh points at the 68 iBUG markup positions: jaw, brows, nose bridge, nostrils, eyes, outer and inner lips
@@ -25,6 +34,9 @@ FACEMESH_AS_IBUG68 = np.array([
     33, 160, 158, 133, 153, 144, 362, 385, 387, 263, 373, 380,
     61, 39, 37, 0, 267, 269, 291, 405, 314, 17, 84, 181,
     78, 82, 13, 312, 308, 317, 14, 87])
+
+# QA thresholds that random points would trip (the face is "too small", every frame an outlier)
+LENIENT_QA = dict(min_face_fraction=0.01, max_gap_frames=10_000, outlier_mad=1e6)
 
 
 @pytest.mark.parametrize("topology", TOPOLOGIES.values(), ids=TOPOLOGIES)
@@ -101,3 +113,71 @@ def test_points_of_another_topology_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         track_clip([warped_face(64) for _ in range(4)], TrackConfig(qa_video=False), tmp_path)
     assert "(68, 3)" in err.value.problem and "(478, 3)" in err.value.problem and "model_dir" in err.value.fix
+
+
+@pytest.mark.parametrize("backend", ["face_alignment"])
+def test_model_dir_must_be_a_folder_holding_the_weights(tmp_path, backend):
+    with pytest.raises(ConfigError, match="is not a directory"):
+        make_backend(TrackConfig(landmark_backend=backend, model_dir=str(tmp_path / "missing")))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="empty folder"):
+        make_backend(TrackConfig(landmark_backend=backend, model_dir=str(empty)))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not weights")
+    with pytest.raises(ConfigError) as err:
+        make_backend(TrackConfig(landmark_backend=backend, model_dir=str(tmp_path / "other")))
+    assert "lacks" in err.value.problem and "notes.txt" in err.value.problem and "copy" in err.value.fix
+
+
+@pytest.mark.parametrize("backend, package, files", [
+    ("face_alignment", "face_alignment",
+     ["s3fd-619a316812.pth", "3DFAN4-7835d9f11d.pth.tar", "depth-2a464da4ea.pth.tar"])])
+def test_a_backend_that_is_not_installed_says_how_to_install_it(tmp_path, monkeypatch, backend, package, files):
+    for name in files:
+        (tmp_path / name).write_bytes(b"weights")
+    monkeypatch.setitem(__import__("sys").modules, package, None)  # import fails as if not installed
+    with pytest.raises(ConfigError) as err:
+        make_backend(TrackConfig(landmark_backend=backend, model_dir=str(tmp_path)))
+    assert "not installed" in err.value.problem and "install.sh --backends" in err.value.fix
+
+
+# -- face-alignment --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def face_alignment_dir(tmp_path_factory):
+    pytest.importorskip("face_alignment", reason="optional backend not installed (bash scripts/install.sh --backends)")
+    return save_face_alignment_models(tmp_path_factory.mktemp("face-alignment"))
+
+
+def test_face_alignment_tracks_offline_from_its_model_dir(tmp_path, monkeypatch, offline, face_alignment_dir):
+    """3D-FAN-4, its depth network and S3FD, random weights, in two batches (of 3 frames here, to
+    keep the test short on a CPU: a 3D-FAN-4 pass takes about a second a frame)."""
+    from gstalker_core.tracking.face_alignment_backend import FaceAlignment3D
+
+    monkeypatch.setattr(FaceAlignment3D, "batch_frames", 3)
+    n = 5
+    frames = [warped_face(64, **motion(k, n)) for k in range(n)]
+    cfg = TrackConfig(landmark_backend="face_alignment", model_dir=str(face_alignment_dir), **LENIENT_QA)
+    manifest = track_clip(frames, cfg, tmp_path, chunk_frames=8)
+    assert (manifest.landmark_backend, manifest.landmark_topology) == ("face_alignment", "ibug68")
+    landmarks = np.load(tmp_path / "landmarks.npy")
+    assert landmarks.shape == (n, 68, 3) and landmarks.dtype == np.float32 and np.isfinite(landmarks).all()
+    assert np.abs(landmarks[..., 2]).max() > 0  # the depth network's z, not a 2D model's zeros
+    assert np.load(tmp_path / "template.npy").shape == (68, 3) and (tmp_path / "qa.mp4").stat().st_size > 0
+
+
+def test_face_alignment_refuses_weights_of_another_network(tmp_path, face_alignment_dir):
+    import shutil
+
+    from gstalker_core.tracking import face_alignment_backend as backend
+
+    for name in (backend.DETECTOR, backend.DEPTH_WEIGHTS):
+        shutil.copy(face_alignment_dir / name, tmp_path / name)
+    save_face_alignment_models(tmp_path / "one-stack", fan_modules=1)  # 2 hourglasses fewer than 3D-FAN-4
+    shutil.copy(tmp_path / "one-stack" / backend.FAN_WEIGHTS, tmp_path / backend.FAN_WEIGHTS)
+    with pytest.raises(ConfigError) as err:
+        make_backend(TrackConfig(landmark_backend="face_alignment", model_dir=str(tmp_path)))
+    assert backend.FAN_WEIGHTS in err.value.problem and "3D-FAN-4" in err.value.problem
+    assert backend.FAN_WEIGHTS in err.value.fix

@@ -7,12 +7,13 @@ units, larger = farther from the camera, zero near the head centre (zero everywh
 model). Downstream code reads the points through the backend's ``topology`` groups.
 
 Backends: mediapipe FaceMesh (the default; its model ships inside the mediapipe wheel),
-face-alignment's 3D-FAN and insightface's 2d106det, which read their weights from
-``track.model_dir`` (never downloaded).
+face-alignment's 3D-FAN, which reads its weights from ``track.model_dir`` (never downloaded)
+and lives in its own module, which imports its package only when chosen.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -67,10 +68,29 @@ class MediapipeFaceMesh:
         self._mesh.close()
 
 
+def _backend_user(cfg: TrackConfig) -> str:
+    return f"track.landmark_backend={cfg.landmark_backend}"
+
+
+def weight_files(cfg: TrackConfig) -> list[Path]:
+    """The optional backend's weight files in ``cfg.model_dir`` (none for mediapipe, whose model
+    is part of its package); a ConfigError when the folder or a file is missing."""
+    if cfg.landmark_backend == "mediapipe":
+        return []
+    folder = model_folder(cfg.model_dir, MODEL_DIR_SETTING, _backend_user(cfg))
+    if cfg.landmark_backend == "face_alignment":
+        from . import face_alignment_backend
+
+        return face_alignment_backend.weight_files(folder, MODEL_DIR_SETTING)
+    raise ConfigError(f"track.landmark_backend={cfg.landmark_backend} is not available in this version",
+                      "use track.landmark_backend=mediapipe or face_alignment")
+
+
 def make_backend(cfg: TrackConfig, device: str = "cpu") -> LandmarkBackend:
     """The configured detector; ``device``: where a torch or ONNX backend runs (``cpu``, ``cuda[:N]``)."""
     if cfg.landmark_backend == "mediapipe":
         return MediapipeFaceMesh(cfg)
-    model_folder(cfg.model_dir, MODEL_DIR_SETTING, f"track.landmark_backend={cfg.landmark_backend}")
-    raise ConfigError(f"track.landmark_backend={cfg.landmark_backend} is not available in this version",
-                      "use track.landmark_backend=mediapipe")
+    files = weight_files(cfg)
+    from .face_alignment_backend import FaceAlignment3D
+
+    return FaceAlignment3D(files, device, MODEL_DIR_SETTING)

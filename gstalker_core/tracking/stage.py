@@ -3,6 +3,10 @@
 Stage parts: ``labels_<chunk>.npz`` (chunked like the frames), the arrays named in
 ``track`` (viewmats.npy, K.npy, landmarks.npy, blink.npy, valid.npy, mouth_covered.npy, template.npy),
 plate.png, qa.mp4. Stage meta: ``TrackManifest``.
+
+An optional landmark backend's weights are an input of the stage: their digest enters the
+key, so new weights in the same ``track.model_dir`` rerun tracking (mediapipe's model is part
+of its pinned package and adds nothing, which keeps the default keys as they were).
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from ..config import PipelineConfig
 from ..data.frames import ChunkReader
 from ..storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_stage, run_stage
 from ..data.dataset import SpeakerDataset, TrackArrays
+from ..model_files import files_digest
 from ..runtime import select_device
+from .landmarks import weight_files
 from .track import LABELS, Progress, TrackManifest, track_clip
 
 STAGE = "track"
@@ -22,7 +28,11 @@ CODE_VERSION = "2"  # 2: mouth_covered.npy
 
 
 def work(ingest_run: StageManifest, cfg: PipelineConfig) -> StageWork:
-    return StageWork(STAGE, CODE_VERSION, cfg.track, {"ingest": ingest_run.key})
+    inputs = {"ingest": ingest_run.key}
+    weights = weight_files(cfg.track)
+    if weights:
+        inputs["landmark_model"] = files_digest(weights)
+    return StageWork(STAGE, CODE_VERSION, cfg.track, inputs)
 
 
 def stage_key(ingest_run: StageManifest, cfg: PipelineConfig) -> str:
