@@ -1,4 +1,4 @@
-"""Landmark topologies and the optional landmark backends (face-alignment).
+"""Landmark topologies and the optional landmark backends (face-alignment, insightface).
 
 The backends' tests load randomly initialised models saved where the user's weights would be
 (``tests/fixtures/landmark_models.py`` says which architectures): they show that tracking
@@ -11,19 +11,22 @@ points mapped onto the 68-point markup.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
 from gstalker_core.errors import ConfigError
 from gstalker_core.metrics.lipsync import mouth_opening
+from gstalker_core.model_files import files_digest
 from gstalker_core.tracking import HEAD, NECK, TrackConfig, track_clip
 from gstalker_core.tracking import track as track_module
-from gstalker_core.tracking.landmarks import MediapipeFaceMesh, make_backend
-from gstalker_core.tracking.topology import FACEMESH, IBUG68, TOPOLOGIES, Topology
+from gstalker_core.tracking.landmarks import MediapipeFaceMesh, make_backend, weight_files
+from gstalker_core.tracking.topology import FACEMESH, IBUG68, INSIGHTFACE106, TOPOLOGIES, Topology
 from gstalker_core.tracking.track import LABELS
 from gstalker_core.data.frames import ChunkReader
-from tests.fixtures.landmark_models import save_face_alignment_models
+from tests.fixtures.landmark_models import save_face_alignment_models, save_landmark_model, save_scrfd_like_detector
 from tests.test_tracking import motion, warped_face
 
 # FaceMesh points at the 68 iBUG markup positions: jaw, brows, nose bridge, nostrils, eyes, outer and inner lips
@@ -115,7 +118,7 @@ def test_points_of_another_topology_are_refused(tmp_path, monkeypatch):
     assert "(68, 3)" in err.value.problem and "(478, 3)" in err.value.problem and "model_dir" in err.value.fix
 
 
-@pytest.mark.parametrize("backend", ["face_alignment"])
+@pytest.mark.parametrize("backend", ["face_alignment", "insightface"])
 def test_model_dir_must_be_a_folder_holding_the_weights(tmp_path, backend):
     with pytest.raises(ConfigError, match="is not a directory"):
         make_backend(TrackConfig(landmark_backend=backend, model_dir=str(tmp_path / "missing")))
@@ -132,7 +135,8 @@ def test_model_dir_must_be_a_folder_holding_the_weights(tmp_path, backend):
 
 @pytest.mark.parametrize("backend, package, files", [
     ("face_alignment", "face_alignment",
-     ["s3fd-619a316812.pth", "3DFAN4-7835d9f11d.pth.tar", "depth-2a464da4ea.pth.tar"])])
+     ["s3fd-619a316812.pth", "3DFAN4-7835d9f11d.pth.tar", "depth-2a464da4ea.pth.tar"]),
+    ("insightface", "insightface.model_zoo", ["det_10g.onnx", "2d106det.onnx"])])
 def test_a_backend_that_is_not_installed_says_how_to_install_it(tmp_path, monkeypatch, backend, package, files):
     for name in files:
         (tmp_path / name).write_bytes(b"weights")
@@ -181,3 +185,85 @@ def test_face_alignment_refuses_weights_of_another_network(tmp_path, face_alignm
         make_backend(TrackConfig(landmark_backend="face_alignment", model_dir=str(tmp_path)))
     assert backend.FAN_WEIGHTS in err.value.problem and "3D-FAN-4" in err.value.problem
     assert backend.FAN_WEIGHTS in err.value.fix
+
+
+# -- insightface -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def insightface_dir(tmp_path):
+    pytest.importorskip("insightface", reason="optional backend not installed (bash scripts/install.sh --backends)")
+    folder = tmp_path / "buffalo_l"
+    save_scrfd_like_detector(folder / "det_10g.onnx")
+    save_landmark_model(folder / "2d106det.onnx")
+    return folder
+
+
+def test_insightface_tracks_offline_from_its_model_dir(tmp_path, offline, insightface_dir):
+    n = 8
+    frames = [warped_face(64, **motion(k, n)) for k in range(n)]
+    cfg = TrackConfig(landmark_backend="insightface", model_dir=str(insightface_dir), **LENIENT_QA)
+    manifest = track_clip(frames, cfg, tmp_path / "track", chunk_frames=4)
+    assert (manifest.landmark_backend, manifest.landmark_topology) == ("insightface", "insightface106")
+    landmarks = np.load(tmp_path / "track" / "landmarks.npy")
+    assert landmarks.shape == (n, 106, 3) and np.isfinite(landmarks).all() and not landmarks[..., 2].any()
+    assert mouth_opening(landmarks, INSIGHTFACE106).shape == (n,)
+
+
+@pytest.mark.parametrize("wrong, message", [("detector", "not an SCRFD face detector"),
+                                            ("68 points", "not the 106-point 2D model")])
+def test_insightface_refuses_models_of_another_kind(insightface_dir, wrong, message):
+    if wrong == "detector":
+        save_landmark_model(insightface_dir / "det_10g.onnx")
+    else:
+        save_landmark_model(insightface_dir / "2d106det.onnx", n_points=68)
+    with pytest.raises(ConfigError) as err:
+        make_backend(TrackConfig(landmark_backend="insightface", model_dir=str(insightface_dir)))
+    assert message in err.value.problem and "model pack" in err.value.fix
+
+
+def test_track_stage_with_insightface_names_it_and_keys_its_weights(tmp_path, offline, clip, insightface_dir):
+    """The stored manifest names backend and topology; the weights' digest is in the key; a bad
+    model folder fails before anything is written and leaves the stored stages as they were."""
+    from gstalker_core import ingest
+    from gstalker_core.config import load_config
+    from gstalker_core.storage import open_store
+    from gstalker_core.tracking import manifest_of, open_dataset, run, stage_key
+    from gstalker_core.tracking.stage import work
+
+    lenient = [f"track.{k}={v}" for k, v in LENIENT_QA.items()]
+    cfg = load_config("tiny", overrides=[f"home={tmp_path / 'home'}", "track.landmark_backend=insightface",
+                                         f"track.model_dir={insightface_dir}", *lenient], environ={})
+    store = open_store(cfg)
+    ingest_run = ingest.run(store, str(clip("track2s.mp4", seconds=2.0)), cfg).manifest
+    tracked = run(store, ingest_run, cfg).manifest
+    meta = manifest_of(tracked)
+    assert (meta.landmark_backend, meta.landmark_topology) == ("insightface", "insightface106")
+    assert work(ingest_run, cfg).inputs["landmark_model"] == files_digest(weight_files(cfg.track))
+    default = load_config("tiny", overrides=[f"home={tmp_path / 'home'}"], environ={})
+    assert "landmark_model" not in work(ingest_run, default).inputs
+    test = open_dataset(store, tracked, ingest_run, cfg.cache_dir, split="test")
+    assert test.topology is INSIGHTFACE106 and test.arrays.landmarks.shape[1:] == (106, 3)
+
+    save_landmark_model(insightface_dir / "2d106det.onnx", seed=1)  # new weights in the same folder: a new key
+    assert stage_key(ingest_run, cfg) != tracked.key
+    stored = sorted(store.list(""))
+    (insightface_dir / "2d106det.onnx").unlink()
+    with pytest.raises(ConfigError, match="lacks 2d106det.onnx"):
+        run(store, ingest_run, cfg)
+    assert sorted(store.list("")) == stored and manifest_of(tracked).n_frames == ingest_run.meta["n_frames"]
+
+
+def test_a_flat_106_point_template_still_fits_poses():
+    """2D models give z = 0: the learned template is flat, and the rigid fit still runs on it."""
+    from gstalker_core.tracking import pose
+
+    rng = np.random.default_rng(0)
+    flat = np.concatenate([rng.uniform(-40, 40, (106, 2)) + 64, np.zeros((106, 1))], axis=1)
+    rolls = [Rotation.from_euler("z", 5 * math.sin(k / 3), degrees=True).as_matrix()[:2, :2] for k in range(12)]
+    frames = np.stack([np.concatenate([(flat[:, :2] - 64) @ roll.T + 64, flat[:, 2:]], axis=1)
+                       for roll in rolls]).astype(np.float32)
+    template = pose.learn_template(pose.lift_landmarks(frames, 300.0, 64, 64, INSIGHTFACE106), INSIGHTFACE106)
+    fit = pose.fit_poses(template, frames[..., :2], np.ones(len(frames), bool), pose.intrinsics(300.0, 128, 128),
+                         INSIGHTFACE106)
+    assert np.ptp(template[:, 2]) < 1e-6 and np.nanmax(fit.residual) < 0.5

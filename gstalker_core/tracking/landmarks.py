@@ -7,8 +7,9 @@ units, larger = farther from the camera, zero near the head centre (zero everywh
 model). Downstream code reads the points through the backend's ``topology`` groups.
 
 Backends: mediapipe FaceMesh (the default; its model ships inside the mediapipe wheel),
-face-alignment's 3D-FAN, which reads its weights from ``track.model_dir`` (never downloaded)
-and lives in its own module, which imports its package only when chosen.
+face-alignment's 3D-FAN and insightface's 2d106det. The last two read their weights from
+``track.model_dir`` (never downloaded) and live in their own modules, which import their
+packages only when chosen.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from ..config import TrackConfig
-from ..errors import ConfigError
 from ..mediapipe_models import solutions
 from ..model_files import model_folder
 from .topology import FACEMESH, Topology
@@ -82,8 +82,9 @@ def weight_files(cfg: TrackConfig) -> list[Path]:
         from . import face_alignment_backend
 
         return face_alignment_backend.weight_files(folder, MODEL_DIR_SETTING)
-    raise ConfigError(f"track.landmark_backend={cfg.landmark_backend} is not available in this version",
-                      "use track.landmark_backend=mediapipe or face_alignment")
+    from . import insightface_backend
+
+    return insightface_backend.weight_files(folder, MODEL_DIR_SETTING)
 
 
 def make_backend(cfg: TrackConfig, device: str = "cpu") -> LandmarkBackend:
@@ -91,6 +92,10 @@ def make_backend(cfg: TrackConfig, device: str = "cpu") -> LandmarkBackend:
     if cfg.landmark_backend == "mediapipe":
         return MediapipeFaceMesh(cfg)
     files = weight_files(cfg)
-    from .face_alignment_backend import FaceAlignment3D
+    if cfg.landmark_backend == "face_alignment":
+        from .face_alignment_backend import FaceAlignment3D
 
-    return FaceAlignment3D(files, device, MODEL_DIR_SETTING)
+        return FaceAlignment3D(files, device, MODEL_DIR_SETTING)
+    from .insightface_backend import InsightFace106
+
+    return InsightFace106(files, device, cfg.min_detection_confidence, MODEL_DIR_SETTING)
