@@ -11,6 +11,9 @@ ever fed to a model whose spec is equal (``check_spec``).
 Audio of any length is read as a ``Signal``, block by block, and turned into features
 ``CHUNK_STEPS`` at a time (with the STFT's overlap carried between chunks), so samples and
 spectrogram are never whole in memory; only the features (about 58 MB per hour) are.
+
+``kind=speech_model`` hands both steps to ``speech_features`` (a local HuBERT/wav2vec2 model),
+which imports transformers only then.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Callable, Iterator
 import librosa
 import numpy as np
 import soundfile
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from .config import AudioConfig, PipelineConfig
 from .errors import InputError
@@ -33,6 +36,7 @@ CODE_VERSION = "2"  # 2: per-utterance normalisation, pitch-shifted training ver
 AUGMENTED = "augmented.npy"
 STEPS_PER_SECOND = 50
 STEPS_PER_FRAME = 2
+SPEECH_MODEL = "speech_model"  # the kind computed by a local HuBERT/wav2vec2 model (speech_features), not librosa
 # Loudness normalisation target: speakers and microphones differ by tens of dB; the
 # model should see speech content, not recording gain.
 TARGET_ACTIVE_RMS = 0.1
@@ -58,6 +62,8 @@ class AudioFeatureSpec(BaseModel):
     fmax: float
     steps_per_frame: int = STEPS_PER_FRAME
     normalise: str = "none"  # stores from before normalisation was offered lack it
+    # a speech model's type and files digest (speech_features); empty, and left out of the dump, for librosa's
+    model: str = Field(default="", exclude_if=lambda v: not v)
 
 
 class AudioFeaturesMeta(BaseModel):
@@ -69,6 +75,10 @@ class AudioFeaturesMeta(BaseModel):
 
 
 def spec_for(cfg: AudioConfig, sample_rate: int) -> AudioFeatureSpec:
+    if cfg.kind == SPEECH_MODEL:
+        from .speech_features import speech_model_spec
+
+        return speech_model_spec(cfg.model_dir, sample_rate)
     return AudioFeatureSpec(
         extractor="librosa", extractor_version=librosa.__version__, kind=cfg.kind, n_features=cfg.n_features,
         sample_rate=sample_rate, hop_length=sample_rate // STEPS_PER_SECOND, n_fft=cfg.n_fft, fmin=cfg.fmin,
@@ -206,18 +216,23 @@ def _piece_features(piece: np.ndarray, spec: AudioFeatureSpec) -> np.ndarray:
 
 
 def compute_features(samples: np.ndarray | Signal, spec: AudioFeatureSpec, n_frames: int | None = None,
-                     chunk_steps: int = CHUNK_STEPS) -> np.ndarray:
+                     chunk_steps: int = CHUNK_STEPS, model_dir: str = "", device: str = "cpu") -> np.ndarray:
     """[n_steps, n_features] float32 features of mono ``samples`` at ``spec.sample_rate``, loudness-normalised.
 
     ``n_steps`` is ``2 * n_frames`` when given (the video's length rules), else
     ``ceil(duration * 25) * 2`` so that every started video frame has its two steps.
     Computed ``chunk_steps`` at a time; the result does not depend on it (to float rounding).
+    A speech model's features (``speech_features``) need its folder, ``model_dir``, and run on ``device``.
     """
     signal = samples if isinstance(samples, Signal) else Signal.of_array(samples, spec.sample_rate)
     hop = spec.hop_length
     if n_frames is None:
         n_frames = max(1, int(np.ceil(signal.n_samples / (hop * STEPS_PER_FRAME))))
     n_steps = n_frames * STEPS_PER_FRAME
+    if spec.kind == SPEECH_MODEL:
+        from .speech_features import speech_model_features
+
+        return speech_model_features(signal, spec, n_steps, model_dir, device)
     gain = loudness_gain(signal)
     # librosa centres frame j at sample j*hop; dropping hop/2 samples centres it at (j+0.5)*hop.
     framing = _Framing(spec.n_fft, hop, lead=spec.n_fft // 2, skip=hop // 2)
@@ -243,11 +258,12 @@ def normalise_utterance(feats: np.ndarray) -> np.ndarray:
 
 
 def pitch_shifted_features(samples: np.ndarray, spec: AudioFeatureSpec, n_frames: int,
-                           semitones: list[float]) -> np.ndarray:
+                           semitones: list[float], model_dir: str = "", device: str = "cpu") -> np.ndarray:
     """(len(semitones), steps, n_features): ``compute_features`` of the audio shifted by each
     number of semitones, frame-aligned with the original (librosa's shift keeps the duration)."""
     return np.stack([compute_features(librosa.effects.pitch_shift(samples, sr=spec.sample_rate, n_steps=shift),
-                                      spec, n_frames=n_frames) for shift in semitones])
+                                      spec, n_frames=n_frames, model_dir=model_dir, device=device)
+                     for shift in semitones])
 
 
 def frame_windows(features: np.ndarray, frame_indices: np.ndarray | list[int], step_window: int) -> np.ndarray:
@@ -261,7 +277,12 @@ def frame_windows(features: np.ndarray, frame_indices: np.ndarray | list[int], s
 
 
 def work(ingest_run: StageManifest, cfg: PipelineConfig) -> StageWork:
-    return StageWork(STAGE, CODE_VERSION, cfg.audio, {"ingest": ingest_run.key})
+    inputs = {"ingest": ingest_run.key}
+    if cfg.audio.kind == SPEECH_MODEL:  # new weights in the same folder must rerun the stage
+        from .speech_features import read_folder
+
+        inputs["speech_model"] = read_folder(cfg.audio.model_dir).identity
+    return StageWork(STAGE, CODE_VERSION, cfg.audio, inputs)
 
 
 def stage_key(ingest_run: StageManifest, cfg: PipelineConfig) -> str:
@@ -271,16 +292,22 @@ def stage_key(ingest_run: StageManifest, cfg: PipelineConfig) -> str:
 def run(store: ArtifactStore, ingest_run: StageManifest, cfg: PipelineConfig) -> StageRun:
     """The ``audio`` stage: features of the ingested clip's audio, one row pair per video frame."""
     from . import ingest  # ingest imports mediapipe; only this stage entry needs it
+    from .runtime import select_device
+
+    # where a speech model is and runs (librosa's kinds run on the CPU whatever runtime.device says)
+    device = str(select_device(cfg.runtime)) if cfg.audio.kind == SPEECH_MODEL else "cpu"
+    extractor = dict(model_dir=cfg.audio.model_dir, device=device)
 
     def build(workdir: Path) -> dict:
         signal = Signal.of_wav(ingest.audio_path(store, ingest_run, cfg.cache_dir))
         spec = spec_for(cfg.audio, signal.sample_rate)
         n_frames = ingest_run.meta["n_frames"]
-        feats = compute_features(signal, spec, n_frames=n_frames)
+        feats = compute_features(signal, spec, n_frames=n_frames, **extractor)
         np.save(workdir / "features.npy", feats)
         if cfg.audio.augment_semitones:  # a training clip is minutes long: its samples fit in memory
             samples = np.concatenate(list(signal.blocks()))
-            np.save(workdir / AUGMENTED, pitch_shifted_features(samples, spec, n_frames, cfg.audio.augment_semitones))
+            np.save(workdir / AUGMENTED, pitch_shifted_features(samples, spec, n_frames, cfg.audio.augment_semitones,
+                                                                **extractor))
         return AudioFeaturesMeta(spec=spec, n_steps=len(feats), n_frames=n_frames, duration_s=signal.duration_s,
                                  augment_semitones=cfg.audio.augment_semitones).model_dump(mode="json")
 

@@ -69,8 +69,13 @@ class IngestConfig(Section):
 class AudioConfig(Section):
     """Per-step audio features: 50 Hz, two steps per 25 fps video frame."""
 
-    kind: Literal["logmel", "mfcc"] = "logmel"
-    n_features: int = Field(default=80, ge=8, le=256, description="mel bands or MFCC coefficients")
+    kind: Literal["logmel", "mfcc", "speech_model"] = Field(
+        default="logmel", description="speech_model: a HuBERT/wav2vec2 model's hidden states (needs model_dir)")
+    # left out of the config (and so of the audio stage's key) while empty: default keys stay as they were
+    model_dir: str = Field(default="", exclude_if=lambda v: not v,
+                           description="local Hugging Face folder of the speech model for kind=speech_model "
+                                       "(never downloaded)")
+    n_features: int = Field(default=80, ge=8, le=256, description="mel bands or MFCC coefficients (not speech_model's)")
     n_fft: int = Field(default=800, ge=128)
     fmin: float = Field(default=55.0, ge=0)
     fmax: float = Field(default=7600.0, gt=0)

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel
 
 from . import media
-from .audio import Signal, check_spec, compute_features, spec_for
+from .audio import SPEECH_MODEL, AudioFeatureSpec, Signal, check_spec, compute_features, spec_for
 from .model.avatar import GaussianState, render_avatar
 from .model.bundle import Bundle
 from .data.conditions import FrameSource, to_device
@@ -76,28 +76,40 @@ class DubAudio(NamedTuple):
     n_frames: int  # ceil(duration x fps)
 
 
-def dub_audio(bundle: Bundle, audio_path: Path, cfg: DubConfig, scratch: Path) -> DubAudio:
+def installed_spec(spec: AudioFeatureSpec, speech_model_dir: str = "") -> AudioFeatureSpec:
+    """The spec this install's extractor gives for ``spec``'s parameters: librosa's version, or
+    the speech model now in ``speech_model_dir`` (its type and files digest)."""
+    if spec.kind == SPEECH_MODEL:
+        return spec_for(AudioConfig(kind=spec.kind, model_dir=speech_model_dir), spec.sample_rate)
+    return spec_for(AudioConfig(kind=spec.kind, n_features=spec.n_features, n_fft=spec.n_fft, fmin=spec.fmin,
+                                fmax=spec.fmax, normalise=spec.normalise), spec.sample_rate)
+
+
+def dub_audio(bundle: Bundle, audio_path: Path, cfg: DubConfig, scratch: Path, speech_model_dir: str = ""
+              ) -> DubAudio:
     """``audio_path`` as the model hears it: checked, decoded in a temporary folder under
-    ``scratch`` (gone once featurised) and turned into features with the model's own spec."""
+    ``scratch`` (gone once featurised) and turned into features with the model's own spec.
+    ``speech_model_dir``: the local speech model, for a model trained on speech-model features."""
     spec = bundle.manifest.audio_spec
-    # the installed extractor must produce what the model was trained on (librosa version, params)
-    check_spec(spec_for(AudioConfig(kind=spec.kind, n_features=spec.n_features, n_fft=spec.n_fft, fmin=spec.fmin,
-                                    fmax=spec.fmax, step_window=bundle.manifest.step_window,
-                                    normalise=spec.normalise), spec.sample_rate),
-               spec, what="the model's audio features (this install's extractor)")
+    # the installed extractor must produce what the model was trained on
+    check_spec(installed_spec(spec, speech_model_dir), spec,
+               what="the model's audio features (this install's extractor)")
+    device = str(next(bundle.model.parameters()).device)
     with tempfile.TemporaryDirectory(dir=scratch) as workdir:
         signal = load_audio(audio_path, spec.sample_rate, cfg, Path(workdir))
         n_frames = math.ceil(signal.duration_s * bundle.manifest.fps)
-        return DubAudio(compute_features(signal, spec, n_frames=n_frames), signal.duration_s, n_frames)
+        features = compute_features(signal, spec, n_frames=n_frames, model_dir=speech_model_dir, device=device)
+        return DubAudio(features, signal.duration_s, n_frames)
 
 
 @torch.no_grad()
 def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: Progress | None = None,
-        pose_track: np.ndarray | None = None) -> DubManifest:
-    """Render ``bundle`` saying ``audio_path`` into ``out`` (written only when complete)."""
+        pose_track: np.ndarray | None = None, speech_model_dir: str = "") -> DubManifest:
+    """Render ``bundle`` saying ``audio_path`` into ``out`` (written only when complete);
+    ``speech_model_dir``: see ``dub_audio``."""
     start = time.perf_counter()
     fps = bundle.manifest.fps
-    features, duration_s, n_frames = dub_audio(bundle, audio_path, cfg, Path(out).parent)
+    features, duration_s, n_frames = dub_audio(bundle, audio_path, cfg, Path(out).parent, speech_model_dir)
     n_train = len(bundle.viewmats)
     track = pose_track if pose_track is not None else pose_track_indices(n_frames, n_train, cfg.pose_stretch)
     if len(track) < n_frames:
@@ -161,7 +173,7 @@ def run(store: ArtifactStore, speaker: str, audio_source: str, cfg: PipelineConf
     work.mkdir(parents=True, exist_ok=True)
     local = work / Path(key).name
     try:
-        manifest = dub(bundle, path, local, cfg.dub, progress)
+        manifest = dub(bundle, path, local, cfg.dub, progress, speech_model_dir=cfg.audio.model_dir)
         store.put_file(key, local)  # visible only once complete
     finally:
         local.unlink(missing_ok=True)

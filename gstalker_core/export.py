@@ -69,7 +69,7 @@ def _deformed_head(bundle: Bundle, store: ArtifactStore, audio: str, at_s: float
     media.probe(path)  # empty / missing / not media: a clear message
     scratch = cfg.cache_dir / "tmp"
     scratch.mkdir(parents=True, exist_ok=True)
-    heard = dub_audio(bundle, path, cfg.dub, scratch)
+    heard = dub_audio(bundle, path, cfg.dub, scratch, cfg.audio.model_dir)
     if at_s > heard.duration_s:
         raise InputError(f"--at {at_s:g} s is past the end of {path.name} ({heard.duration_s:.2f} s)",
                          f"give a time from 0 to {heard.duration_s:.2f} s")

@@ -24,7 +24,7 @@ def test_precedence_profile_file_env_cli(tmp_path):
 def test_invalid_value_names_field_and_allowed_values():
     with pytest.raises(ConfigError) as e:
         load_config("tiny", overrides=["audio.kind=wav2vec"], environ={})
-    assert "audio.kind" in str(e.value) and "'logmel' or 'mfcc'" in str(e.value)
+    assert "audio.kind" in str(e.value) and "'logmel', 'mfcc' or 'speech_model'" in str(e.value)
 
 
 def test_out_of_range_and_unknown_fields():
@@ -57,3 +57,23 @@ def test_unsafe_speaker_names_are_refused(name):
 
 def test_good_speaker_names():
     assert validate_speaker("cnn-anchor_2") == "cnn-anchor_2"
+
+
+def test_default_stage_keys_are_stable():
+    """The keys of the default configs' stages as they were before the optional backends (and
+    their settings) existed: settings that are off stay out of the keys, so stored stages stay hits."""
+    from datetime import datetime, timezone
+
+    from gstalker_core import audio, evaluate, tracking
+    from gstalker_core.storage import StageManifest
+
+    ingest = StageManifest(stage="ingest", key="0" * 32, code_version="1", gstalker_version="0",
+                           created_at=datetime.now(timezone.utc), inputs={}, config={}, parts={}, meta={})
+    want = {"tiny": ("56896ef357189c1d5d74435409445cc9", "c8fa5f373aa79ae267b224b4b6fcb82a",
+                     "d7bf36394af2fa86a53a1f36c72e84a9"),
+            "preview": ("13905d42b2918d6501a6786cf1ed4761", "d7a99d17f5448ddccafc6c4f818ad963",
+                        "5d19e5dfb31ed7823e3f4cc74430092a")}
+    for profile, keys in want.items():
+        cfg = load_config(profile, environ={})
+        assert (tracking.stage_key(ingest, cfg), audio.stage_key(ingest, cfg),
+                evaluate.stage_key(ingest, ingest, cfg)) == keys, profile
