@@ -176,7 +176,8 @@ def inspect(video: str = typer.Argument(..., help="local path or s3:// URL of th
     dest = output or f"{Path(video).stem}-qa.mp4"
     shutil.copyfile(qa, dest)
     out.print(f"QA video: {dest}  (stored at stages/track/{tracks.key}/)")
-    out.print(f"  focal {meta.focal:.1f} px (fov {meta.fov_deg:.1f} deg), reprojection error "
+    out.print(f"  landmarks: {meta.landmark_backend} ({meta.landmark_topology}), "
+              f"focal {meta.focal:.1f} px (fov {meta.fov_deg:.1f} deg), reprojection error "
               f"{meta.reprojection_error_px:.2f} px, jitter {meta.jitter_raw_px:.2f} -> {meta.jitter_smoothed_px:.2f} "
               f"px/frame^2, {meta.n_valid}/{meta.n_frames} frames tracked")
     for warning in meta.warnings:
