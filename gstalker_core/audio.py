@@ -32,7 +32,7 @@ from .errors import InputError
 from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
 
 STAGE = "audio"
-CODE_VERSION = "2"  # 2: per-utterance normalisation, pitch-shifted training versions
+CODE_VERSION = "3"  # 2: per-utterance normalisation, pitch-shifted training versions; 3: noise gate
 AUGMENTED = "augmented.npy"
 STEPS_PER_SECOND = 50
 STEPS_PER_FRAME = 2
@@ -41,6 +41,7 @@ SPEECH_MODEL = "speech_model"  # the kind computed by a local HuBERT/wav2vec2 mo
 # model should see speech content, not recording gain.
 TARGET_ACTIVE_RMS = 0.1
 ACTIVE_DB_BELOW_PEAK = 40.0
+SILENCE_DB_BELOW_PEAK = 50.0  # normalise_utterance's noise gate
 RMS_FRAME, RMS_HOP = 1024, 256  # frames the loudness statistics are taken over
 BLOCK_SAMPLES = 1 << 16  # read granularity of a Signal
 # Frames per chunk (feature steps: ~41 s at 50 Hz): large enough that per-call overhead is nil, small
@@ -249,6 +250,10 @@ def normalise_utterance(feats: np.ndarray) -> np.ndarray:
     speech steps (loudest band energy within ``ACTIVE_DB_BELOW_PEAK`` dB of the loudest step's,
     so that pauses do not set the scale). A voice's timbre and a microphone's colour are a
     constant offset per band in log-mel; the mouth's movement is the part that changes."""
+    # a noise gate: what lies far below the utterance's peak is silence, whatever its level. A
+    # broadcast's pauses sit 40-65 dB below its peak, a synthetic voice's digital silence 120 dB:
+    # unfloored, those pauses would land far outside anything the model trained on.
+    feats = np.maximum(feats, feats.max(initial=0.0) - SILENCE_DB_BELOW_PEAK)
     loudness = feats.max(axis=1)
     speech = feats[loudness >= loudness.max(initial=0.0) - ACTIVE_DB_BELOW_PEAK]
     if len(speech) < 2:  # silence or a single step: nothing to estimate from

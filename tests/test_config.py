@@ -8,7 +8,7 @@ from gstalker_core.errors import InputError
 
 def test_profiles_load_and_differ():
     tiny, preview, paper = (load_config(p, environ={}) for p in ("tiny", "preview", "paper"))
-    assert (tiny.ingest.resolution, preview.ingest.resolution, paper.ingest.resolution) == (64, 128, 512)
+    assert (tiny.ingest.resolution, preview.ingest.resolution, paper.ingest.resolution) == (64, 256, 512)
     assert paper.profile == "paper"
 
 
