@@ -81,8 +81,9 @@ class AudioConfig(Section):
     fmax: float = Field(default=7600.0, gt=0)
     step_window: int = Field(default=16, ge=2, description="audio steps per frame window (even)")
     normalise: Literal["none", "utterance"] = Field(
-        default="utterance", description="per-utterance mean/variance normalisation of each feature over the "
-        "speech: removes the voice's and microphone's long-term spectrum, keeps what changes with the mouth")
+        default="utterance", description="log-mel only: per-utterance mean/variance normalisation of each band "
+        "over the speech: removes the voice's and microphone's long-term spectrum, keeps what changes with the "
+        "mouth (speech_model features are used as the model gives them)")
     augment_semitones: list[float] = Field(
         default=[-4.0, -2.0, 2.0, 4.0], description="pitch shifts of the training audio (resampling shifts the "
         "formants too, like another vocal tract); training draws one of them for half of its frames so that the "
@@ -94,6 +95,13 @@ class AudioConfig(Section):
         if v % 2:
             raise ValueError("must be even (a frame owns 2 audio steps)")
         return v
+
+    @model_validator(mode="after")
+    def _normalise_reads_decibels(self) -> "AudioConfig":
+        # the noise gate and the choice of speech steps read log-mel levels in dB, which MFCCs are not
+        if self.kind == "mfcc" and self.normalise == "utterance":
+            raise ValueError("normalise=utterance works on log-mel levels; with kind=mfcc set normalise=none")
+        return self
 
 
 class TrackConfig(Section):

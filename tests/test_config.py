@@ -15,10 +15,17 @@ def test_profiles_load_and_differ():
 def test_precedence_profile_file_env_cli(tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text("ingest:\n  resolution: 128\n  detect_every: 3\naudio:\n  n_features: 64\n")
-    env = {"GSTALKER_INGEST__RESOLUTION": "96", "GSTALKER_AUDIO__KIND": "mfcc", "UNRELATED": "x"}
+    env = {"GSTALKER_INGEST__RESOLUTION": "96", "GSTALKER_AUDIO__KIND": "mfcc", "GSTALKER_AUDIO__NORMALISE": "none",
+           "UNRELATED": "x"}
     cfg = load_config("preview", config_file=f, overrides=["ingest.resolution=200"], environ=env)
     assert cfg.ingest.resolution == 200  # CLI beats env beats file beats profile
     assert cfg.ingest.detect_every == 3 and cfg.audio.n_features == 64 and cfg.audio.kind == "mfcc"
+
+
+def test_utterance_normalisation_of_mfcc_is_refused():
+    with pytest.raises(ConfigError) as err:
+        load_config("preview", overrides=["audio.kind=mfcc"], environ={})
+    assert "audio" in str(err.value) and "normalise=none" in str(err.value)
 
 
 def test_invalid_value_names_field_and_allowed_values():
@@ -61,7 +68,8 @@ def test_good_speaker_names():
 
 def test_default_stage_keys_are_stable():
     """The keys of the default configs' stages as they were before the optional backends (and
-    their settings) existed: settings that are off stay out of the keys, so stored stages stay hits."""
+    their settings) existed: settings that are off stay out of the keys, so stored stages stay hits.
+    A stage's new code version changes its key on purpose: then update the key here."""
     from datetime import datetime, timezone
 
     from gstalker_core import audio, evaluate, tracking
@@ -69,9 +77,9 @@ def test_default_stage_keys_are_stable():
 
     ingest = StageManifest(stage="ingest", key="0" * 32, code_version="1", gstalker_version="0",
                            created_at=datetime.now(timezone.utc), inputs={}, config={}, parts={}, meta={})
-    want = {"tiny": ("56896ef357189c1d5d74435409445cc9", "c8fa5f373aa79ae267b224b4b6fcb82a",
+    want = {"tiny": ("56896ef357189c1d5d74435409445cc9", "68d1d10efc340d286a00ef5976c522a3",
                      "d7bf36394af2fa86a53a1f36c72e84a9"),
-            "preview": ("13905d42b2918d6501a6786cf1ed4761", "d7a99d17f5448ddccafc6c4f818ad963",
+            "preview": ("13905d42b2918d6501a6786cf1ed4761", "8cd87c3a63f6edb7c365aed9976acc04",
                         "5d19e5dfb31ed7823e3f4cc74430092a")}
     for profile, keys in want.items():
         cfg = load_config(profile, environ={})
