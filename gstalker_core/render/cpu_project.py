@@ -219,11 +219,13 @@ def _project_backward(means, quats, scales, opacities, viewmats, Ks, width, heig
     n_gaussians = means.shape[1]
     for job in numba.prange(means.shape[0] * n_gaussians):
         c, g = divmod(np.int64(job), n_gaussians)
-        if radii[c, g, 0] > 0:
+        reached = (grad_means2d[c, g, 0] != 0 or grad_means2d[c, g, 1] != 0 or grad_conics[c, g, 0] != 0
+                   or grad_conics[c, g, 1] != 0 or grad_conics[c, g, 2] != 0 or grad_opac[c, g] != 0)
+        if radii[c, g, 0] > 0 and reached:  # most of a head is hidden: no gradient reached it
             _backward_one(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, antialiased,
                           c, g, grad_means2d, grad_conics, grad_depths, grad_opac, grad_means, grad_quats, grad_scales,
                           grad_opacities)
-        else:  # culled: no pixel saw it, but the depths output still depends on the mean
+        else:  # culled or hidden: only the depths output depends on it, through the mean
             for i in range(3):
                 grad_means[c, g, i] = grad_depths[c, g] * viewmats[c, 2, i]
 

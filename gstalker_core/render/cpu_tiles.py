@@ -1,6 +1,6 @@
 """CPU tile rasteriser: gsplat's ``rasterize_to_pixels`` (2D compositing) in numba.
 
-Projection and the antialiasing compensation are ``cpu_project``'s, SH colours PyTorch's;
+Projection and the antialiasing compensation are ``cpu_project``'s, SH colours ``cpu_sh``'s;
 this module composites the projected 2D Gaussians of C cameras and differentiates that
 analytically, with the cut-offs of the reference backend (``rasterize._contributing_pairs``).
 
@@ -11,7 +11,8 @@ Algorithm
 - Binning: the image is cut into 16x16 tiles; each Gaussian is listed in every tile its box
   touches. Gaussians are listed in front-to-back order (one stable sort by depth per camera,
   so equal depths go by index as in the reference), which leaves every tile's list
-  depth-sorted without a per-tile sort. Tile lists are consecutive slices of one flat array.
+  depth-sorted without a per-tile sort. Tile lists are consecutive slices of one flat array,
+  counted and filled by chunks of the depth order in parallel.
 - Forward, per tile: walk the tile's list front to back and, for each Gaussian, the tile
   pixels of its box; a pair with sigma < 0 or alpha = min(0.999, o exp(-sigma)) < 1/255 is
   skipped; a pixel stops (early stop) before its transmittance T (1 - alpha) would fall to
@@ -61,29 +62,57 @@ def _tile_range(box):
 
 
 @_jit
-def _bin_gaussians(boxes, order, tiles_x, n_tiles):
-    """Flat depth-sorted tile lists: Gaussian ids, and where the list of job (camera, tile) starts."""
+def _count_chunk(boxes, order, c, lo, hi, tiles_x, counts):
+    """Add, per tile, the Gaussians order[c, lo:hi] whose boxes touch it to ``counts`` (n_tiles)."""
+    for i in range(lo, hi):
+        tx0, tx1, ty0, ty1 = _tile_range(boxes[c, order[c, i]])
+        for ty in range(ty0, ty1):
+            for tx in range(tx0, tx1):
+                counts[ty * tiles_x + tx] += 1
+
+
+@_jit
+def _list_chunk(boxes, order, c, lo, hi, tiles_x, n_tiles, cursor, ids):
+    """Write the Gaussians order[c, lo:hi] into the tile lists of camera c from ``cursor`` (n_tiles) on."""
+    for i in range(lo, hi):
+        g = order[c, i]
+        tx0, tx1, ty0, ty1 = _tile_range(boxes[c, g])
+        for ty in range(ty0, ty1):
+            for tx in range(tx0, tx1):
+                t = ty * tiles_x + tx
+                ids[cursor[t]] = g
+                cursor[t] += 1
+
+
+@_jit_parallel
+def _bin_gaussians(boxes, order, tiles_x, n_tiles, n_chunks):
+    """Flat depth-sorted tile lists: Gaussian ids, and where the list of job (camera, tile) starts.
+
+    Each camera's depth order is cut into ``n_chunks`` consecutive chunks, counted and listed
+    in parallel: a chunk writes its Gaussians into each tile list after those of the chunks in
+    front of it, so every list comes out front to back.
+    """
     n_cameras, n_gaussians = order.shape
-    counts = np.zeros(n_cameras * n_tiles, np.int64)
-    for c in range(n_cameras):
-        for g in range(n_gaussians):
-            tx0, tx1, ty0, ty1 = _tile_range(boxes[c, g])
-            for ty in range(ty0, ty1):
-                for tx in range(tx0, tx1):
-                    counts[c * n_tiles + ty * tiles_x + tx] += 1
+    counts = np.zeros((n_cameras * n_chunks, n_tiles), np.int64)
+    for job in numba.prange(n_cameras * n_chunks):
+        c, chunk = divmod(np.int64(job), n_chunks)
+        _count_chunk(boxes, order, c, chunk * n_gaussians // n_chunks, (chunk + 1) * n_gaussians // n_chunks,
+                     tiles_x, counts[job])
     starts = np.zeros(n_cameras * n_tiles + 1, np.int64)
-    starts[1:] = np.cumsum(counts)
-    ids = np.empty(starts[-1], np.int32)
-    cursor = starts[:-1].copy()
+    cursors = np.empty_like(counts)  # where each chunk's part of each tile list begins
+    total = 0
     for c in range(n_cameras):
-        for i in range(n_gaussians):  # front to back: every tile list comes out depth-sorted
-            g = order[c, i]
-            tx0, tx1, ty0, ty1 = _tile_range(boxes[c, g])
-            for ty in range(ty0, ty1):
-                for tx in range(tx0, tx1):
-                    job = c * n_tiles + ty * tiles_x + tx
-                    ids[cursor[job]] = g
-                    cursor[job] += 1
+        for t in range(n_tiles):
+            starts[c * n_tiles + t] = total
+            for chunk in range(n_chunks):
+                cursors[c * n_chunks + chunk, t] = total
+                total += counts[c * n_chunks + chunk, t]
+    starts[-1] = total
+    ids = np.empty(total, np.int32)
+    for job in numba.prange(n_cameras * n_chunks):
+        c, chunk = divmod(np.int64(job), n_chunks)
+        _list_chunk(boxes, order, c, chunk * n_gaussians // n_chunks, (chunk + 1) * n_gaussians // n_chunks,
+                    tiles_x, n_tiles, cursors[job], ids)
     return starts, ids
 
 
@@ -306,6 +335,21 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def depth_order(depths: torch.Tensor) -> np.ndarray:
+    """Per camera, the Gaussians front to back, equal depths by index (a stable sort of (C, N) depths).
+
+    float32 depths sort as int64 keys (the depth's bits, then the index): positive floats order
+    as their bit patterns, the index makes every key unique, and numpy's vectorised sort of
+    integers is about 8x faster than a stable argsort. Depths below zero (culled Gaussians,
+    listed in no tile) may come out in any order. Other dtypes take a stable argsort.
+    """
+    values = _numpy(depths)
+    if values.dtype != np.float32:
+        return np.argsort(values, axis=-1, kind="stable")
+    keys = (values.view(np.int32).astype(np.int64) << 32) | np.arange(values.shape[-1], dtype=np.int64)
+    return np.sort(keys, axis=-1) & 0xFFFFFFFF
+
+
 class _RasterizeToPixels(torch.autograd.Function):
     """Tile compositing with the analytic backward; the tile lists and per-pixel state of the
     forward are kept on ``ctx`` for the replay."""
@@ -316,7 +360,7 @@ class _RasterizeToPixels(torch.autograd.Function):
         n_cameras, _, n_features = features.shape
         tiles_x = -(-width // TILE)
         n_tiles = tiles_x * -(-height // TILE)
-        starts, ids = _bin_gaussians(gaussians[-1], _numpy(order), tiles_x, n_tiles)
+        starts, ids = _bin_gaussians(gaussians[-1], _numpy(order), tiles_x, n_tiles, 4 * numba.get_num_threads())
         # every pixel belongs to one tile, which writes all three
         image = np.empty((n_cameras, height, width, n_features), gaussians[2].dtype)
         final_T = np.empty((n_cameras, height, width))
@@ -362,6 +406,6 @@ def rasterize_to_pixels(means2d: torch.Tensor, conics: torch.Tensor, features: t
         x0, x1, y0, y1 = footprint_boxes(means2d, radii, width, height)
         culled = (radii <= 0).any(-1)
         boxes = torch.stack([x0, torch.where(culled, x0, x1), y0, y1], -1).to(torch.int32)
-        order = torch.argsort(depths, dim=-1, stable=True)
+    order = torch.from_numpy(depth_order(depths))
     image, alpha, n_pairs = _RasterizeToPixels.apply(means2d, conics, features, opacities, boxes, order, width, height)
     return image, alpha, int(n_pairs)

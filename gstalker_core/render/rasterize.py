@@ -4,8 +4,8 @@
 backends are interchangeable:
 
 - ``gsplat``: gsplat's CUDA kernels (tensors on a CUDA device, gsplat installed);
-- ``numba``: the CPU default; projection and colours in PyTorch (the functions below),
-  the 2D tile compositing and its analytic backward in numba (``cpu_tiles``);
+- ``numba``: the CPU default; projection (``cpu_project``), SH colours (``cpu_sh``) and the
+  2D tile compositing (``cpu_tiles``) in numba, each with its analytic backward;
 - ``torch``: our pure-PyTorch reference, on any device, differentiable by autograd; the
   oracle the other two are tested against.
 
@@ -229,10 +229,10 @@ def torch_projection(means: torch.Tensor, quats: torch.Tensor, scales: torch.Ten
 def _project_camera(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor, opacities: torch.Tensor,
                     colors: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, near: float,
                     far: float, eps2d: float, sh_degree: int | None, render_mode: RenderMode, antialiased: bool,
-                    projection=torch_projection) -> tuple[torch.Tensor, ...]:
+                    projection=torch_projection, shading=sh_colors) -> tuple[torch.Tensor, ...]:
     """Everything per Gaussian that one camera (or C cameras at once, as ``project``) needs,
     shared by the torch and numba backends; ``projection`` is ``torch_projection`` or its
-    fused CPU twin ``cpu_project.project``.
+    fused CPU twin ``cpu_project.project``, ``shading`` ``sh_colors`` or ``cpu_sh.sh_colors``.
 
     Returns ``project``'s means2d, conics, depths, radii, opacities and valid mask, then the
     features to composite (..., N, D): colours, plus the depth channel in the depth render modes.
@@ -242,7 +242,7 @@ def _project_camera(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tens
     valid = (radii > 0).all(-1)
     if sh_degree is not None:
         campos = -(viewmat[..., :3, :3].transpose(-1, -2) @ viewmat[..., :3, 3, None])[..., 0]
-        rgb = sh_colors(sh_degree, means - campos[..., None, :], colors)
+        rgb = shading(sh_degree, means - campos[..., None, :], colors)
     else:
         rgb = colors
     channels = [rgb.expand(*depths.shape, rgb.shape[-1])]
@@ -356,17 +356,17 @@ def _rasterize_numba(gaussians: tuple[torch.Tensor, ...], viewmats: torch.Tensor
                      width: int, height: int, near: float, far: float, eps2d: float, sh_degree: int | None,
                      backgrounds: torch.Tensor | None, render_mode: RenderMode, antialiased: bool
                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Projection fused per Gaussian in numba (``cpu_project``), colours by autograd, 2D
-    compositing in numba tiles (``cpu_tiles``)."""
+    """Projection fused per Gaussian in numba (``cpu_project``), SH colours in numba (``cpu_sh``),
+    2D compositing in numba tiles (``cpu_tiles``)."""
     if gaussians[0].is_cuda:
         raise ValueError("the numba backend needs CPU tensors; use backend='gsplat' or 'torch' on CUDA")
-    from . import cpu_project, cpu_tiles  # numba is imported only when this backend runs
+    from . import cpu_project, cpu_sh, cpu_tiles  # numba is imported only when this backend runs
 
     # the fused numba projection differentiates w.r.t. the Gaussians only: cameras being optimised take autograd's
     projection = torch_projection if viewmats.requires_grad or Ks.requires_grad else cpu_project.project
     means2d, conics, depths, radii, opac, _, feats = _project_camera(*gaussians, viewmats, Ks, width, height, near, far,
                                                                      eps2d, sh_degree, render_mode, antialiased,
-                                                                     projection)
+                                                                     projection, cpu_sh.sh_colors)
     if means2d.requires_grad:
         means2d.retain_grad()
     image, alpha, n_pairs = cpu_tiles.rasterize_to_pixels(means2d, conics, feats, opac, depths, radii, width, height)
