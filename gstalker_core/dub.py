@@ -15,7 +15,7 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -119,17 +119,28 @@ def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: P
     source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate,
                                next(model.parameters()).device, features)
     render_start = time.perf_counter()
-    codes = model.canonical_codes()
     with media.VideoWriter(out, size, size, fps, audio=audio_path) as writer:
-        for first in range(0, n_frames, cfg.chunk_frames):
-            frames = np.arange(first, min(first + cfg.chunk_frames, n_frames))
-            for image in (render_chunk(model, source, frames, track[frames], codes) * 255).round().byte().cpu().numpy():
+        for images, done in video_frames(model, source, track, n_frames, cfg.chunk_frames):
+            for image in images:
                 writer.write(image)
             if progress:
-                progress(int(frames[-1]) + 1, n_frames)
+                progress(done, n_frames)
     return DubManifest(audio_name=Path(audio_path).name, audio_duration_s=duration_s, n_frames=n_frames,
                        fps=fps, resolution=size, render_s=time.perf_counter() - render_start,
                        wall_s=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def video_frames(model: TalkingHead, source: FrameSource, track: np.ndarray, n_frames: int, chunk_frames: int
+                 ) -> Iterator[tuple[np.ndarray, int]]:
+    """The dub's frames as (B, H, W, 3) uint8 chunks of ``chunk_frames``, each with the number of
+    frames done: frame i says audio step i at training pose ``track[i]``. The canonical
+    Gaussians' codes are computed once: only the audio and eye conditions change per frame."""
+    codes = model.canonical_codes()
+    for first in range(0, n_frames, chunk_frames):
+        frames = np.arange(first, min(first + chunk_frames, n_frames))
+        yield (render_chunk(model, source, frames, track[frames], codes) * 255).round().byte().cpu().numpy(), \
+            int(frames[-1]) + 1
 
 
 def dub_frames(model: TalkingHead, source: FrameSource, frames: np.ndarray, poses: np.ndarray,
