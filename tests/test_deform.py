@@ -353,3 +353,20 @@ def test_tcnn_backend_without_tinycudann_or_cuda_is_a_config_error():
 
     with pytest.raises(ConfigError, match="grid_backend"):
         TriPlaneEncoder(TINY.model_copy(update={"grid_backend": "tcnn"}), [0, 0, 0], [1, 1, 1])
+
+
+def test_inference_blocks_equal_the_training_evaluation(monkeypatch):
+    """Without autograd the conditioned MLP runs in blocks of points (cache-sized activations):
+    the same outputs as the whole-batch evaluation that training uses."""
+    from gstalker_core.deform import fields
+
+    torch.manual_seed(0)
+    mlp = fields.ConditionedMLP(point_dim=12, cond_dim=5, width=16, depth=3, out_dim=10)
+    torch.nn.init.normal_(mlp.head.weight)  # the zero-initialised last layer would make every output 0
+    points, conditions = torch.randn(1000, 12), torch.randn(4, 5)
+    whole = mlp(points, conditions)
+    monkeypatch.setattr(fields, "INFERENCE_ACTIVATIONS", 4 * 16 * 300)  # blocks of 300 points: 4 blocks
+    with torch.no_grad():
+        blocked = mlp(points, conditions)
+    assert blocked.shape == whole.shape == (4, 1000, 10) and whole.abs().max() > 0.1
+    assert torch.allclose(blocked, whole, atol=1e-5)

@@ -34,6 +34,8 @@ from ..errors import InputError
 from ..config import DeformConfig
 from .triplane import BoxNormaliser, TriPlaneEncoder
 
+# first-layer activations (elements) of one inference block: 1M floats, 4 MB, about a core's share of L3
+INFERENCE_ACTIVATIONS = 1 << 20
 POSE_DIM = 9  # 6D rotation (first two columns of R_rel - I) + translation / reference distance
 
 
@@ -87,11 +89,20 @@ class ConditionedMLP(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, points: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
-        h = self.point_in(points).unsqueeze(0) + self.cond_in(conditions).unsqueeze(1)  # (B, N, width)
+        point_part, cond_part = self.point_in(points), self.cond_in(conditions).unsqueeze(1)
+        if torch.is_grad_enabled():  # training: autograd keeps every activation anyway
+            return self._layers(point_part, cond_part)
+        # inference (dubbing, evaluation): blocks of points whose (B, block, width) activations
+        # stay in the cache, instead of (B, N, width) tensors streamed through memory per layer
+        block = max(1, INFERENCE_ACTIVATIONS // (len(conditions) * point_part.shape[1]))
+        return torch.cat([self._layers(part, cond_part) for part in point_part.split(block)], dim=1)
+
+    def _layers(self, point_part: torch.Tensor, cond_part: torch.Tensor) -> torch.Tensor:
+        h = point_part.unsqueeze(0) + cond_part  # (B, N, width)
         # ReLUs in place to save (B, N, width) buffers; on 2D activations, because an in-place op on
         # the view a 3D nn.Linear returns makes autograd copy the whole tensor back (CopySlices)
         flat = h.relu_().flatten(0, 1)
-        return self.head(self.hidden(flat)).view(len(conditions), len(points), -1)
+        return self.head(self.hidden(flat)).view(len(cond_part), len(point_part), -1)
 
 
 def _deltas(raw: torch.Tensor, position_scale: torch.Tensor) -> DeformDeltas:
