@@ -130,24 +130,28 @@ def test_per_camera_gaussians():
 
 
 @pytest.mark.parametrize("sh_degree", [0, 1, 2, 3])
-@pytest.mark.parametrize("per_camera", [False, True])
-def test_numba_sh_colours_match_the_reference(sh_degree, per_camera):
+@pytest.mark.parametrize("coefficients", ["shared", "per camera", "expanded"])
+def test_numba_sh_colours_match_the_reference(sh_degree, coefficients):
     """Colours and gradients (coefficients and directions) of ``cpu_sh`` against ``rasterize.sh_colors``,
-    with channels clamped at 0, coefficients beyond the degree, and shared or per-camera coefficients."""
+    with channels clamped at 0, coefficients beyond the degree, and coefficients shared, per camera,
+    or one set expanded to the cameras (as a batched avatar passes them)."""
     from gstalker_core.render import cpu_sh
     from gstalker_core.render.rasterize import sh_colors
 
     g = torch.Generator().manual_seed(sh_degree)
     dirs = torch.randn(3, 50, 3, generator=g, dtype=torch.float64)
-    coeffs = torch.randn(*((3,) if per_camera else ()), 50, 16, 3, generator=g, dtype=torch.float64)
+    coeffs = torch.randn(*((3,) if coefficients == "per camera" else ()), 50, 16, 3, generator=g, dtype=torch.float64)
+
+    def numba_colours(d, c):
+        return cpu_sh.sh_colors(sh_degree, d, c.expand(3, 50, 16, 3) if coefficients == "expanded" else c)
+
     want = sh_colors(sh_degree, dirs, coeffs).expand(3, 50, 3)
     assert (want == 0).any() and (want > 0).any()  # some channels clamped, some not
-    got = cpu_sh.sh_colors(sh_degree, dirs, coeffs)
-    assert torch.allclose(got, want, atol=1e-12)
+    assert torch.allclose(numba_colours(dirs, coeffs), want, atol=1e-12)
     leaves = (dirs.requires_grad_(), coeffs.requires_grad_())
-    torch.autograd.gradcheck(lambda d, c: cpu_sh.sh_colors(sh_degree, d, c), leaves)
+    torch.autograd.gradcheck(numba_colours, leaves)
     weights = torch.rand(3, 50, 3, generator=g, dtype=torch.float64)
-    got_grads = torch.autograd.grad((cpu_sh.sh_colors(sh_degree, *leaves) * weights).sum(), leaves)
+    got_grads = torch.autograd.grad((numba_colours(*leaves) * weights).sum(), leaves)
     want_grads = torch.autograd.grad((sh_colors(sh_degree, *leaves).expand(3, 50, 3) * weights).sum(), leaves,
                                      allow_unused=True, materialize_grads=True)  # degree 0 ignores the directions
     for got_grad, want_grad in zip(got_grads, want_grads):

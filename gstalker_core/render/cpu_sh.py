@@ -147,6 +147,8 @@ def sh_colors(degree: int, dirs: torch.Tensor, coeffs: torch.Tensor) -> torch.Te
     if (degree + 1) ** 2 > coeffs.shape[-2]:
         raise ValueError(f"SH degree {degree} needs {(degree + 1) ** 2} coefficients, got {coeffs.shape[-2]}")
     coeffs = coeffs.reshape(-1, n_gaussians, *coeffs.shape[-2:])  # shared: a leading 1, not C copies
+    if len(coeffs) > 1 and coeffs.stride(0) == 0:  # one set expanded to C cameras: keep it one
+        coeffs = coeffs[:1]
     if len(coeffs) not in (1, n_cameras):
         raise ValueError(f"SH coefficients for {len(coeffs)} cameras, directions for {n_cameras}")
     return _ShColours.apply(degree, dirs, coeffs.to(dirs.dtype))
