@@ -12,7 +12,8 @@ Methods, rendered for the same held-out frames with the same poses and blinks:
 Metrics: PSNR and SSIM on the full composite and on the face box; PSNR per parsed region
 (head, neck + torso, background: where a method wins or loses); person coverage (the share
 of the person mask's pixels the composite covers opaquely, mean and worst frame: background
-showing between chin and collar lowers it); mouth-landmark distance (our landmarker on
+showing between chin and collar lowers it; and its mean inside the silhouette's 1 px edge,
+where holes show without the anti-aliased edge); mouth-landmark distance (our landmarker on
 rendered vs ground truth frames, mouth points, centred, in pixels of the rendered frames);
 lip sync without downloaded weights: correlation of rendered with true mouth opening, and of
 rendered mouth opening with audio energy; landmark jitter. Frames whose mouth tracking
@@ -39,7 +40,7 @@ from .data.conditions import FrameSource, to_device
 from .config import PipelineConfig, TrackConfig
 from .media import VideoWriter
 from .render.gaussians import GaussianModel
-from .metrics import person_coverage, ssim
+from .metrics import person_coverage, silhouette_interior, ssim
 from .runtime import configure
 from .model.talking_head import CanonicalCodes, TalkingHead
 from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
@@ -49,8 +50,8 @@ from .tracking.topology import FACEMESH, Topology
 
 STAGE = "evaluate"
 # 3: person coverage, the no-deformation ablation, face SSIM of small boxes, mouth-landmark
-# distance in rendered pixels, per-frame curves and their plot
-CODE_VERSION = "3"
+# distance in rendered pixels, per-frame curves and their plot; 4: coverage inside the silhouette
+CODE_VERSION = "4"
 METHODS = ("gstalker", "no_deformation", "static", "nearest")
 METHOD_LABELS = {"gstalker": "gstalker", "no_deformation": "trained Gaussians, no deformation",
                  "static": "static fit (mouth frozen)", "nearest": "nearest-neighbour audio"}
@@ -71,6 +72,9 @@ class MethodScores(BaseModel):
     # and worst frame; None: a report from before coverage was measured
     person_coverage: float | None = None
     person_coverage_worst_frame: float | None = None
+    # the same share inside the silhouette's 1 px edge ring (metrics.silhouette_interior), mean
+    # over frames: holes, not anti-aliased edges; None: a report from before it was measured
+    person_coverage_interior: float | None = None
     # in pixels of the rendered frames (EvalReport.resolution); None: the landmarker found no
     # face in any rendered frame
     mouth_landmark_distance_px: float | None
@@ -108,7 +112,7 @@ class EvalReport(BaseModel):
         """Column names and one row of formatted figures per method (the markdown report and
         the CLI's table)."""
         columns = ["method", "PSNR", "SSIM", "face PSNR", "face SSIM", "head / torso / background PSNR",
-                   "person covered (mean / worst frame)", f"mouth LMD (px@{self.resolution})", "mouth-open corr",
+                   "person covered (mean / worst frame; inside the edge)", f"mouth LMD (px@{self.resolution})", "mouth-open corr",
                    "audio-energy corr", "jitter (px)"]
         rows = []
         for name, m in self.methods.items():
@@ -137,7 +141,8 @@ def _fmt(value: float | None) -> str:
 def _coverage(m: MethodScores) -> str:
     if m.person_coverage is None:
         return "not measured"
-    return f"{100 * m.person_coverage:.1f}% / {100 * m.person_coverage_worst_frame:.1f}%"
+    inside = "" if m.person_coverage_interior is None else f"; {100 * m.person_coverage_interior:.1f}%"
+    return f"{100 * m.person_coverage:.1f}% / {100 * m.person_coverage_worst_frame:.1f}%{inside}"
 
 
 class FrameCurves(BaseModel):
@@ -248,6 +253,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     region_pixels = dict.fromkeys(REGIONS, 0)
     frame_psnr = {name: [] for name in METHODS}
     coverage = {name: [] for name in METHODS}
+    interior_coverage = {name: [] for name in METHODS}
     writer = VideoWriter(video, len(VIDEO_PANELS) * size, size, 25, audio=audio) if video else None
     try:
         for first in range(0, len(frames), batch_frames):
@@ -266,6 +272,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
                 truth_f = torch.from_numpy(truth.astype(np.float32) / 255.0)
                 masks = {r: np.isin(sample.labels.numpy(), labels) for r, labels in REGIONS.items()}
                 person = torch.from_numpy(~masks["background"])
+                interior = silhouette_interior(person)
                 for r, mask in masks.items():
                     region_pixels[r] += int(mask.sum())
                 for name, img in rendered.items():
@@ -280,6 +287,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
                     s["face_ssim"] += ssim(img_f[box][None], truth_f[box][None]).item()
                     frame_psnr[name].append(_psnr(float(pixel_se.mean()), 1))
                     coverage[name].append(person_coverage(alphas[name][k], person))
+                    interior_coverage[name].append(person_coverage(alphas[name][k], interior))
                     landmarks[name].append(detectors[name].detect(img))
                 if writer:
                     writer.write(np.concatenate([*(rendered[name] for name in METHODS), truth], 1))
@@ -315,6 +323,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
             face_ssim=s["face_ssim"] / n,
             region_psnr={r: _psnr(region_se[name][r], region_pixels[r]) for r in REGIONS},
             person_coverage=float(np.mean(coverage[name])), person_coverage_worst_frame=float(np.min(coverage[name])),
+            person_coverage_interior=float(np.mean(interior_coverage[name])),
             mouth_landmark_distance_px=lipsync.mouth_landmark_distance(lm, truth_lm[found], FACEMESH)
             if found.any() else None,
             mouth_opening_correlation=lipsync.pearson(opening, truth_open[found]),

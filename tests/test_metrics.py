@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from gstalker_core.metrics import person_coverage, photometric_loss, psnr, ssim
+from gstalker_core.metrics import person_coverage, photometric_loss, psnr, silhouette_interior, ssim
 
 
 def _pair(seed=0):
@@ -60,3 +60,13 @@ def test_person_coverage_counts_only_opaque_person_pixels():
     person = torch.tensor([[True, True, True, False]])
     assert person_coverage(alpha, person) == pytest.approx(2 / 3)  # the 0.2 pixel is background
     assert person_coverage(alpha, torch.zeros_like(person)) == 1.0  # no person: nothing to cover
+
+
+def test_silhouette_interior_leaves_out_the_edge_ring_only():
+    person = torch.zeros(7, 8, dtype=torch.bool)
+    person[2:7, 1:6] = True  # a body cut by the bottom edge of the frame
+    interior = silhouette_interior(person)
+    want = torch.zeros_like(person)
+    want[3:7, 2:5] = True  # the ring's left, right and top pixels go; the bottom edge is no silhouette
+    assert torch.equal(interior, want)
+    assert torch.equal(silhouette_interior(person[None])[0], want)  # leading dimensions

@@ -229,6 +229,7 @@ def test_evaluation_report_has_every_baseline_and_the_per_frame_curves(tiny_spea
         assert set(scores.region_psnr) == set(evaluate.REGIONS) and len(regions) >= 2
         assert min(regions) - 1e-6 <= scores.psnr <= max(regions) + 1e-6
         assert 0.0 <= scores.person_coverage_worst_frame <= scores.person_coverage <= 1.0
+        assert 0.0 <= scores.person_coverage_interior <= 1.0
         assert 0.0 < scores.face_ssim <= 1.0
     curves = evaluate.FrameCurves.model_validate_json(
         fetch_part(tiny_speaker.store, manifest, evaluate.CURVES_JSON, tiny_speaker.cfg.cache_dir).read_text())

@@ -79,3 +79,13 @@ def person_coverage(alpha: torch.Tensor, person: torch.Tensor) -> float:
     person = person.to(device=alpha.device, dtype=torch.bool)
     total = int(person.sum())
     return int(((alpha[..., 0] >= COVERED_ALPHA) & person).sum()) / total if total else 1.0
+
+
+def silhouette_interior(person: torch.Tensor) -> torch.Tensor:
+    """The person mask (..., H, W) bool less its one-pixel silhouette ring: the pixels whose
+    eight neighbours are person too (outside the frame counts as person: a body cut by the
+    frame's edge has no silhouette there). A ring pixel mixes person and background in the
+    video itself, so an anti-aliased render is rightly partly transparent there; holes
+    (background between chin and collar) lie inside."""
+    background = (~person.bool()).float().reshape(-1, 1, *person.shape[-2:])
+    return (F.max_pool2d(background, 3, stride=1, padding=1) == 0).reshape(person.shape)
