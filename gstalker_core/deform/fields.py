@@ -90,9 +90,9 @@ class ConditionedMLP(nn.Module):
 
     def forward(self, points: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
         point_part, cond_part = self.point_in(points), self.cond_in(conditions).unsqueeze(1)
-        if torch.is_grad_enabled():  # training: autograd keeps every activation anyway
-            return self._layers(point_part, cond_part)
-        # inference (dubbing, evaluation): blocks of points whose (B, block, width) activations
+        if torch.is_grad_enabled() or point_part.device.type != "cpu":
+            return self._layers(point_part, cond_part)  # training (autograd keeps every activation), GPUs
+        # CPU inference (dubbing, evaluation): blocks of points whose (B, block, width) activations
         # stay in the cache, instead of (B, N, width) tensors streamed through memory per layer
         block = max(1, INFERENCE_ACTIVATIONS // (len(conditions) * point_part.shape[1]))
         return torch.cat([self._layers(part, cond_part) for part in point_part.split(block)], dim=1)
