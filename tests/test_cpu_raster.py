@@ -219,3 +219,14 @@ def test_depth_order_is_a_stable_sort():
     for dtype in (torch.float32, torch.float64):
         depths = (torch.rand(3, 5000, generator=g, dtype=dtype) * 50).round() / 10 + 0.01  # many equal depths
         assert torch.equal(torch.from_numpy(depth_order(depths)), torch.argsort(depths, dim=-1, stable=True))
+
+
+def test_numba_sh_colours_refuse_mismatched_inputs():
+    """Too few coefficients for the degree, or per-camera coefficients for another number of cameras."""
+    from gstalker_core.render import cpu_sh
+
+    dirs = torch.randn(2, 10, 3)
+    with pytest.raises(ValueError, match="SH degree 2 needs 9 coefficients, got 4"):
+        cpu_sh.sh_colors(2, dirs, torch.randn(10, 4, 3))
+    with pytest.raises(ValueError, match="SH coefficients for 3 cameras, directions for 2"):
+        cpu_sh.sh_colors(1, dirs, torch.randn(3, 10, 4, 3))

@@ -230,7 +230,8 @@ def _project_backward(means, quats, scales, opacities, viewmats, Ks, width, heig
                 grad_means[c, g, i] = grad_depths[c, g] * viewmats[c, 2, i]
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
+def numpy_of(t: torch.Tensor) -> np.ndarray:
+    """The numba kernels' view of a CPU tensor (a copy only when it is not contiguous)."""
     return t.detach().contiguous().numpy()
 
 
@@ -238,7 +239,7 @@ class _Project(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, antialiased):
         C, N = means.shape[:2]
-        inputs = [_numpy(t) for t in (means, quats, scales, opacities, viewmats, Ks)]
+        inputs = [numpy_of(t) for t in (means, quats, scales, opacities, viewmats, Ks)]
         dtype = inputs[0].dtype
         means2d, conics = np.empty((C, N, 2), dtype), np.empty((C, N, 3), dtype)
         depths, opac = np.empty((C, N), dtype), np.empty((C, N), dtype)
@@ -256,9 +257,9 @@ class _Project(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_means2d, grad_conics, grad_depths, _, grad_opac):
         means, quats, scales, opacities, viewmats, Ks = ctx.saved_tensors
-        grads = [np.zeros(t.shape, _numpy(means).dtype) for t in (means, quats, scales, opacities)]
-        upstream = [_numpy(g) for g in (grad_means2d, grad_conics, grad_depths, grad_opac)]
-        _project_backward(*(_numpy(t) for t in (means, quats, scales, opacities, viewmats, Ks)), *ctx.settings,
+        grads = [np.zeros(t.shape, numpy_of(means).dtype) for t in (means, quats, scales, opacities)]
+        upstream = [numpy_of(g) for g in (grad_means2d, grad_conics, grad_depths, grad_opac)]
+        _project_backward(*(numpy_of(t) for t in (means, quats, scales, opacities, viewmats, Ks)), *ctx.settings,
                           ctx.radii, *upstream, *grads)
         return (*(torch.from_numpy(g) for g in grads), None, None, None, None, None, None, None, None)
 

@@ -20,6 +20,7 @@ import numba
 import numpy as np
 import torch
 
+from .cpu_project import numpy_of
 from .rasterize import SH_C0, SH_C1, SH_C2, SH_C3
 
 _jit = numba.njit(cache=True, fastmath=False)
@@ -117,16 +118,13 @@ def _backward(n_basis, dirs, coeffs, grad_colours, grad_dirs, grad_coeffs):
             grad_dirs[c, g, 0], grad_dirs[c, g, 1], grad_dirs[c, g, 2] = gx / norm, gy / norm, gz / norm
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
-
-
 class _ShColours(torch.autograd.Function):
     @staticmethod
     def forward(ctx, degree, dirs, coeffs):
         n_basis = (degree + 1) ** 2
-        colours = np.empty((*dirs.shape[:2], 3), _numpy(coeffs).dtype)
-        _forward(n_basis, _numpy(dirs), _numpy(coeffs), colours)
+        coeff_array = numpy_of(coeffs)
+        colours = np.empty((*dirs.shape[:2], 3), coeff_array.dtype)
+        _forward(n_basis, numpy_of(dirs), coeff_array, colours)
         ctx.save_for_backward(dirs, coeffs)
         ctx.n_basis = n_basis
         return torch.from_numpy(colours)
@@ -134,9 +132,10 @@ class _ShColours(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_colours):
         dirs, coeffs = ctx.saved_tensors
-        grad_dirs = np.empty(dirs.shape, _numpy(dirs).dtype)
-        grad_coeffs = np.zeros(coeffs.shape, _numpy(coeffs).dtype)
-        _backward(ctx.n_basis, _numpy(dirs), _numpy(coeffs), _numpy(grad_colours), grad_dirs, grad_coeffs)
+        dir_array, coeff_array = numpy_of(dirs), numpy_of(coeffs)
+        grad_dirs = np.empty(dir_array.shape, dir_array.dtype)
+        grad_coeffs = np.zeros(coeff_array.shape, coeff_array.dtype)
+        _backward(ctx.n_basis, dir_array, coeff_array, numpy_of(grad_colours), grad_dirs, grad_coeffs)
         return None, torch.from_numpy(grad_dirs), torch.from_numpy(grad_coeffs)
 
 

@@ -41,6 +41,7 @@ import numba
 import numpy as np
 import torch
 
+from .cpu_project import numpy_of
 from .rasterize import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE, footprint_boxes
 
 TILE = 16
@@ -62,6 +63,13 @@ def _tile_range(box):
 
 
 @_jit
+def _chunk(n_gaussians, n_chunks, job):
+    """Camera and depth-order range [lo, hi) of binning job ``job``."""
+    c, chunk = divmod(np.int64(job), n_chunks)
+    return c, chunk * n_gaussians // n_chunks, (chunk + 1) * n_gaussians // n_chunks
+
+
+@_jit
 def _count_chunk(boxes, order, c, lo, hi, tiles_x, counts):
     """Add, per tile, the Gaussians order[c, lo:hi] whose boxes touch it to ``counts`` (n_tiles)."""
     for i in range(lo, hi):
@@ -72,7 +80,7 @@ def _count_chunk(boxes, order, c, lo, hi, tiles_x, counts):
 
 
 @_jit
-def _list_chunk(boxes, order, c, lo, hi, tiles_x, n_tiles, cursor, ids):
+def _list_chunk(boxes, order, c, lo, hi, tiles_x, cursor, ids):
     """Write the Gaussians order[c, lo:hi] into the tile lists of camera c from ``cursor`` (n_tiles) on."""
     for i in range(lo, hi):
         g = order[c, i]
@@ -95,9 +103,8 @@ def _bin_gaussians(boxes, order, tiles_x, n_tiles, n_chunks):
     n_cameras, n_gaussians = order.shape
     counts = np.zeros((n_cameras * n_chunks, n_tiles), np.int64)
     for job in numba.prange(n_cameras * n_chunks):
-        c, chunk = divmod(np.int64(job), n_chunks)
-        _count_chunk(boxes, order, c, chunk * n_gaussians // n_chunks, (chunk + 1) * n_gaussians // n_chunks,
-                     tiles_x, counts[job])
+        c, lo, hi = _chunk(n_gaussians, n_chunks, job)
+        _count_chunk(boxes, order, c, lo, hi, tiles_x, counts[job])
     starts = np.zeros(n_cameras * n_tiles + 1, np.int64)
     cursors = np.empty_like(counts)  # where each chunk's part of each tile list begins
     total = 0
@@ -110,9 +117,8 @@ def _bin_gaussians(boxes, order, tiles_x, n_tiles, n_chunks):
     starts[-1] = total
     ids = np.empty(total, np.int32)
     for job in numba.prange(n_cameras * n_chunks):
-        c, chunk = divmod(np.int64(job), n_chunks)
-        _list_chunk(boxes, order, c, chunk * n_gaussians // n_chunks, (chunk + 1) * n_gaussians // n_chunks,
-                    tiles_x, n_tiles, cursors[job], ids)
+        c, lo, hi = _chunk(n_gaussians, n_chunks, job)
+        _list_chunk(boxes, order, c, lo, hi, tiles_x, cursors[job], ids)
     return starts, ids
 
 
@@ -331,10 +337,6 @@ def _balanced_schedule(costs: np.ndarray) -> np.ndarray:
     return np.concatenate([by_cost[t::n_threads] for t in range(n_threads)]).astype(np.int64)
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
-
-
 def depth_order(depths: torch.Tensor) -> np.ndarray:
     """Per camera, the Gaussians front to back, equal depths by index (a stable sort of (C, N) depths).
 
@@ -343,7 +345,7 @@ def depth_order(depths: torch.Tensor) -> np.ndarray:
     integers is about 8x faster than a stable argsort. Depths below zero (culled Gaussians,
     listed in no tile) may come out in any order. Other dtypes take a stable argsort.
     """
-    values = _numpy(depths)
+    values = numpy_of(depths)
     if values.dtype != np.float32:
         return np.argsort(values, axis=-1, kind="stable")
     keys = (values.view(np.int32).astype(np.int64) << 32) | np.arange(values.shape[-1], dtype=np.int64)
@@ -356,11 +358,11 @@ class _RasterizeToPixels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, means2d, conics, features, opacities, boxes, order, width, height):
-        gaussians = [_numpy(t) for t in (means2d, conics, features, opacities, boxes)]
+        gaussians = [numpy_of(t) for t in (means2d, conics, features, opacities, boxes)]
         n_cameras, _, n_features = features.shape
         tiles_x = -(-width // TILE)
         n_tiles = tiles_x * -(-height // TILE)
-        starts, ids = _bin_gaussians(gaussians[-1], _numpy(order), tiles_x, n_tiles, 4 * numba.get_num_threads())
+        starts, ids = _bin_gaussians(gaussians[-1], numpy_of(order), tiles_x, n_tiles, 4 * numba.get_num_threads())
         # every pixel belongs to one tile, which writes all three
         image = np.empty((n_cameras, height, width, n_features), gaussians[2].dtype)
         final_T = np.empty((n_cameras, height, width))
@@ -383,9 +385,9 @@ class _RasterizeToPixels(torch.autograd.Function):
         # one gradient row per contributing entry (most entries lie behind an early stop)
         slots = np.cumsum(contributed) - 1
         entry_grads = np.zeros((int(slots[-1]) + 1 if len(slots) else 0, FEATURE_START + features.shape[-1]))
-        _backward(*(_numpy(t) for t in (means2d, conics, features, opacities, boxes)), starts, ids, tiles_x, n_tiles,
-                  _balanced_schedule(pair_counts), final_T, last_entry, contributed, slots, _numpy(grad_image),
-                  _numpy(grad_alpha), entry_grads)
+        _backward(*(numpy_of(t) for t in (means2d, conics, features, opacities, boxes)), starts, ids, tiles_x, n_tiles,
+                  _balanced_schedule(pair_counts), final_T, last_entry, contributed, slots, numpy_of(grad_image),
+                  numpy_of(grad_alpha), entry_grads)
         grads = _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, means2d.shape[1])
         grads = torch.from_numpy(grads).to(features.dtype)
         return (grads[..., MEAN_COLS], grads[..., CONIC_COLS], grads[..., FEATURE_START:], grads[..., OPACITY_COL],
