@@ -34,8 +34,8 @@ from gstalker_core import __version__  # noqa: E402
 from gstalker_core.audio import compute_features, spec_for  # noqa: E402
 from gstalker_core.model.bundle import FORMAT_VERSION, Bundle, BundleManifest, load_bundle, save_bundle  # noqa: E402
 from gstalker_core.data.conditions import FrameSource  # noqa: E402
-from gstalker_core.config import load_config  # noqa: E402
-from gstalker_core.dub import video_frames  # noqa: E402
+from gstalker_core.config import DubConfig, load_config  # noqa: E402
+from gstalker_core.dub import lip_motion, video_frames  # noqa: E402
 from gstalker_core.media import VideoWriter  # noqa: E402
 from gstalker_core.render.gaussians import GaussianModel  # noqa: E402
 from gstalker_core.model.talking_head import TalkingHead  # noqa: E402
@@ -92,8 +92,12 @@ def fps(bundle: Bundle, frames: int, chunk: int) -> dict[str, float]:
     source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate, torch.device("cpu"), features)
     track = np.arange(frames) % len(bundle.viewmats)
     render_s = encode_s = 0.0
+    start = time.perf_counter()
+    lip = lip_motion(bundle, source, DubConfig())  # the utterance's lip gain, counted with rendering
+    render_s += time.perf_counter() - start
+    print(f"  lip gain of this audio: {lip.gain:.2f}")
     with tempfile.TemporaryDirectory() as tmp, VideoWriter(Path(tmp) / "out.mp4", size, size, 25) as writer:
-        chunks = video_frames(model, source, track, frames, chunk)
+        chunks = video_frames(model, source, track, frames, chunk, lip)
         while True:
             t0 = time.perf_counter()
             images, _ = next(chunks, (None, None))

@@ -137,7 +137,7 @@ def main() -> None:
           f"r {real_r:.3f} at lag {real_lag:+d} (first {max(args.seconds, 60.0):.0f} s, {real_missing} frames "
           f"without a face)")
     print(f"{'voice':38s} {'std':>7s} {'x real':>6s} {'r best':>7s} {'lag':>4s} {'r - real':>8s} {'no face':>7s} "
-          f"{'dub fps':>7s}")
+          f"{'dub fps':>7s} {'lip gain':>8s}")
     for name, path in voices.items():
         stem = "".join(c if c.isalnum() else "_" for c in name)
         wav = cut(path, args.work / f"{stem}.wav", args.seconds)
@@ -147,7 +147,7 @@ def main() -> None:
         fps = manifest.n_frames / (time.perf_counter() - start)
         std, r, lag, missing = lip_figures(video, size, args.seconds)
         print(f"{name[:38]:38s} {std:7.4f} {std / real_std:6.2f} {r:7.3f} {lag:+4d} {r - real_r:+8.3f} "
-              f"{missing:7d} {fps:7.1f}")
+              f"{missing:7d} {fps:7.1f} {manifest.lip_gain:8.2f}")
 
 
 if __name__ == "__main__":

@@ -245,6 +245,10 @@ class TrainConfig(Section):
     ssim_weight: float = Field(default=0.2, ge=0, le=1, description="D-SSIM weight in the photometric loss")
     latent_smoothness_weight: float = Field(default=1.0, ge=0)
     checkpoint_every: int = Field(default=500, ge=1)
+    lip_gain_frames: int = Field(default=200, ge=0,
+                                 description="training frames rendered to calibrate the lip gain (model.lip_gain) "
+                                             "after training; 0: no calibration, gain 1")
+    lip_gain_max: float = Field(default=2.5, ge=1.0, le=3.0, description="largest lip gain of any utterance")
     seed: int = 0
 
 
@@ -254,6 +258,10 @@ class DubConfig(Section):
     min_duration_s: float = Field(default=0.5, gt=0)
     max_duration_s: float = Field(default=3600.0, gt=0, description="longest audio accepted (1 h)")
     chunk_frames: int = Field(default=25, ge=1, description="frames rendered per batch and piped to the encoder")
+    # left out of the config (and so of the dub's output key) while unset: default keys stay as they were
+    lip_gain: Optional[float] = Field(default=None, gt=0, le=5.0, exclude_if=lambda v: v is None,
+                                      description="audio-driven mouth motion x this for every utterance; unset: the "
+                                                  "speaker's calibrated gain x the utterance's factor (model.lip_gain)")
     pose_stretch: Optional[tuple[int, int]] = Field(
         default=None, description="training frames [start, stop) the pose/blink track ping-pongs over (default all)")
 

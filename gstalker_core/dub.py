@@ -33,10 +33,12 @@ from .speakers import load_speaker, lookup
 from .storage import ArtifactStore, content_key, sha256_file
 from .storage.uploads import fetch_media, resolve_media
 from .runtime import configure
-from .model.talking_head import CanonicalCodes, TalkingHead
+from .model.lip_gain import utterance_motion
+from .model.talking_head import CanonicalCodes, LipMotion, TalkingHead
 
 Progress = Callable[[int, Optional[int]], None]
 SILENCE_DBFS = -60.0
+CODE_BLOCK = 1000  # frames of audio codes computed at once (lip_motion)
 
 
 class DubManifest(BaseModel):
@@ -47,6 +49,7 @@ class DubManifest(BaseModel):
     resolution: int
     render_s: float  # deformation + rasterisation + compositing + encoding
     wall_s: float
+    lip_gain: float  # the utterance's gain on the audio-driven motion (model.lip_gain)
 
 
 def load_audio(path: Path, sample_rate: int, cfg: DubConfig, workdir: Path) -> Signal:
@@ -119,42 +122,56 @@ def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: P
     source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate,
                                next(model.parameters()).device, features)
     render_start = time.perf_counter()
+    lip = lip_motion(bundle, source, cfg)
     with media.VideoWriter(out, size, size, fps, audio=audio_path) as writer:
-        for images, done in video_frames(model, source, track, n_frames, cfg.chunk_frames):
+        for images, done in video_frames(model, source, track, n_frames, cfg.chunk_frames, lip):
             for image in images:
                 writer.write(image)
             if progress:
                 progress(done, n_frames)
     return DubManifest(audio_name=Path(audio_path).name, audio_duration_s=duration_s, n_frames=n_frames,
                        fps=fps, resolution=size, render_s=time.perf_counter() - render_start,
-                       wall_s=time.perf_counter() - start)
+                       wall_s=time.perf_counter() - start, lip_gain=lip.gain)
 
 
 @torch.no_grad()
-def video_frames(model: TalkingHead, source: FrameSource, track: np.ndarray, n_frames: int, chunk_frames: int
-                 ) -> Iterator[tuple[np.ndarray, int]]:
+def lip_motion(bundle: Bundle, source: FrameSource, cfg: DubConfig) -> LipMotion:
+    """The lip motion of the whole utterance in ``source.features``: ``cfg.lip_gain`` when set,
+    else the speaker's calibrated gain x this utterance's factor (``model.lip_gain``). The
+    audio codes are computed in blocks of ``CODE_BLOCK`` frames: memory stays flat for any length."""
+    encoder, n_frames = bundle.model.audio_encoder, len(source.features) // 2
+    codes = torch.cat([encoder.conditions(source.features, first, min(first + CODE_BLOCK, n_frames))
+                       for first in range(0, n_frames, CODE_BLOCK)])
+    return utterance_motion(bundle.model, codes, bundle.manifest.lip_gain, cfg.lip_gain)
+
+
+@torch.no_grad()
+def video_frames(model: TalkingHead, source: FrameSource, track: np.ndarray, n_frames: int, chunk_frames: int,
+                 lip: LipMotion | None = None) -> Iterator[tuple[np.ndarray, int]]:
     """The dub's frames as (B, H, W, 3) uint8 chunks of ``chunk_frames``, each with the number of
-    frames done: frame i says audio step i at training pose ``track[i]``. The canonical
-    Gaussians' codes are computed once: only the audio and eye conditions change per frame."""
+    frames done: frame i says audio step i at training pose ``track[i]``, with ``lip``'s gain.
+    The canonical Gaussians' codes are computed once: only the audio and eye conditions change
+    per frame."""
     codes = model.canonical_codes()
     for first in range(0, n_frames, chunk_frames):
         frames = np.arange(first, min(first + chunk_frames, n_frames))
-        yield (render_chunk(model, source, frames, track[frames], codes) * 255).round().byte().cpu().numpy(), \
+        yield (render_chunk(model, source, frames, track[frames], codes, lip) * 255).round().byte().cpu().numpy(), \
             int(frames[-1]) + 1
 
 
 def dub_frames(model: TalkingHead, source: FrameSource, frames: np.ndarray, poses: np.ndarray,
-               codes: CanonicalCodes | None = None) -> tuple[GaussianState, GaussianState]:
+               codes: CanonicalCodes | None = None, lip: LipMotion | None = None
+               ) -> tuple[GaussianState, GaussianState]:
     """Deformed head and torso states of dub frames ``frames``: their audio at the training
     poses (and torso latents) ``poses``; ``codes``: the model's ``canonical_codes()``,
-    computed once per dub."""
-    return model.frames(source.conditions(model, frames, poses=poses, track=poses), codes=codes)
+    computed once per dub; ``lip``: the utterance's ``lip_motion``."""
+    return model.frames(source.conditions(model, frames, poses=poses, track=poses), codes=codes, lip=lip)
 
 
 def render_chunk(model: TalkingHead, source: FrameSource, frames: np.ndarray, poses: np.ndarray,
-                 codes: CanonicalCodes | None = None) -> torch.Tensor:
+                 codes: CanonicalCodes | None = None, lip: LipMotion | None = None) -> torch.Tensor:
     """(B, H, W, 3) frames in [0, 1] of ``dub_frames``, one rasteriser call per layer."""
-    head, torso = dub_frames(model, source, frames, poses, codes)
+    head, torso = dub_frames(model, source, frames, poses, codes, lip)
     return render_avatar(head, torso, source.viewmats[to_device(poses, source.device)], source.K,
                          source.plate).rgb.clamp(0, 1)
 

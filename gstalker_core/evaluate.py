@@ -2,12 +2,14 @@
 
 Methods, rendered for the same held-out frames with the same poses and blinks:
 - ``gstalker``: our deformation driven by each frame's own (training-clip) audio, with the
-  static torso (``talking_head.NO_FRAME``: no training frame stands for a held-out pose);
+  static torso (``talking_head.NO_FRAME``: no training frame stands for a held-out pose), and
+  the lip gain a dub of the held-out audio gets (``model.lip_gain``);
+- ``no_lip_gain``: the same at gain 1 (what the calibrated gain adds or costs);
 - ``no_deformation``: the trained model's Gaussians with no deformation (the ablation: what
   the fields add over the Gaussians they were trained with);
 - ``static``: the static fit stage's Gaussians (before deformation training), mouth frozen;
 - ``nearest``: our model driven by the audio of the training frame whose audio features are
-  closest (retrieval instead of generalisation).
+  closest (retrieval instead of generalisation), with our lip gain.
 
 Metrics: PSNR and SSIM on the full composite and on the face box; PSNR per parsed region
 (head, neck + torso, background: where a method wins or loses); person coverage (the share
@@ -16,7 +18,7 @@ showing between chin and collar lowers it; and its mean inside the silhouette's 
 where holes show without the anti-aliased edge); mouth-landmark distance (our landmarker on
 rendered vs ground truth frames, mouth points, centred, in pixels of the rendered frames);
 lip sync without downloaded weights: correlation of rendered with true mouth opening, and of
-rendered mouth opening with audio energy; landmark jitter. Frames whose mouth tracking
+rendered mouth opening with audio energy, and the mouth opening's spread; landmark jitter. Frames whose mouth tracking
 flagged as covered are left out of the mouth metrics (the truth's mouth is not visible
 there). Per-frame curves (PSNR of each method, mouth opening of ours and of the truth) are
 stored beside the report and plotted.
@@ -42,7 +44,8 @@ from .media import VideoWriter
 from .render.gaussians import GaussianModel
 from .metrics import person_coverage, silhouette_interior, ssim
 from .runtime import configure
-from .model.talking_head import CanonicalCodes, TalkingHead
+from .model.lip_gain import LipGain, utterance_motion
+from .model.talking_head import CanonicalCodes, LipMotion, TalkingHead
 from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
 from .tracking import SpeakerDataset
 from .tracking.landmarks import MediapipeFaceMesh
@@ -50,10 +53,12 @@ from .tracking.topology import FACEMESH, Topology
 
 STAGE = "evaluate"
 # 3: person coverage, the no-deformation ablation, face SSIM of small boxes, mouth-landmark
-# distance in rendered pixels, per-frame curves and their plot; 4: coverage inside the silhouette
-CODE_VERSION = "4"
-METHODS = ("gstalker", "no_deformation", "static", "nearest")
-METHOD_LABELS = {"gstalker": "gstalker", "no_deformation": "trained Gaussians, no deformation",
+# distance in rendered pixels, per-frame curves and their plot; 4: coverage inside the silhouette;
+# 5: lip gain (and the no_lip_gain row), mouth-opening spread
+CODE_VERSION = "5"
+METHODS = ("gstalker", "no_lip_gain", "no_deformation", "static", "nearest")
+METHOD_LABELS = {"gstalker": "gstalker", "no_lip_gain": "gstalker, lip gain 1",
+                 "no_deformation": "trained Gaussians, no deformation",
                  "static": "static fit (mouth frozen)", "nearest": "nearest-neighbour audio"}
 VIDEO_PANELS = (*METHODS, "truth")  # the side-by-side video, left to right
 # parsing labels (tracking.parsing) grouped into the regions reported
@@ -79,6 +84,7 @@ class MethodScores(BaseModel):
     # face in any rendered frame
     mouth_landmark_distance_px: float | None
     mouth_opening_correlation: float  # with ground truth mouth opening
+    mouth_opening_std: float | None = None  # spread over the frames; None: a report from before it was measured
     audio_energy_correlation: float  # rendered mouth opening vs audio loudness
     jitter_px: float
     frames_without_face: int
@@ -90,6 +96,8 @@ class EvalReport(BaseModel):
     resolution: int
     mouth_frames: int  # frames scored on the mouth metrics (mouth not covered)
     truth_audio_energy_correlation: float  # the same correlation on the real frames, for scale
+    truth_mouth_opening_std: float | None = None  # the real frames' mouth-opening spread
+    lip_gain: float | None = None  # the held-out utterance's lip gain (gstalker, nearest)
     methods: dict[str, MethodScores]
 
     @model_validator(mode="before")
@@ -113,19 +121,22 @@ class EvalReport(BaseModel):
         the CLI's table)."""
         columns = ["method", "PSNR", "SSIM", "face PSNR", "face SSIM", "head / torso / background PSNR",
                    "person covered (mean / worst frame; inside the edge)", f"mouth LMD (px@{self.resolution})", "mouth-open corr",
-                   "audio-energy corr", "jitter (px)"]
+                   "mouth-open std", "audio-energy corr", "jitter (px)"]
         rows = []
         for name, m in self.methods.items():
             rows.append([METHOD_LABELS.get(name, name), f"{m.psnr:.2f}", f"{m.ssim:.4f}", f"{m.face_psnr:.2f}",
                          f"{m.face_ssim:.4f}", " / ".join(f"{m.region_psnr[r]:.2f}" for r in REGIONS),
                          _coverage(m), _fmt(m.mouth_landmark_distance_px), f"{m.mouth_opening_correlation:.3f}",
-                         f"{m.audio_energy_correlation:.3f}", f"{m.jitter_px:.3f}"])
+                         _fmt(m.mouth_opening_std, ".4f", "not measured"), f"{m.audio_energy_correlation:.3f}", f"{m.jitter_px:.3f}"])
         return columns, rows
 
     def caption(self) -> str:
+        truth_std = ("" if self.truth_mouth_opening_std is None
+                     else f", mouth-opening std: {self.truth_mouth_opening_std:.4f}")
+        gain = "" if self.lip_gain is None else f" Lip gain of the held-out audio: {self.lip_gain:.2f}."
         return (f"Held-out frames {self.first_frame}-{self.first_frame + self.frames - 1} ({self.frames} frames, "
                 f"{self.resolution} px; mouth metrics on the {self.mouth_frames} with the mouth uncovered); real "
-                f"frames' audio-energy correlation: {self.truth_audio_energy_correlation:.3f}.")
+                f"frames' audio-energy correlation: {self.truth_audio_energy_correlation:.3f}{truth_std}.{gain}")
 
     def markdown(self) -> str:
         columns, rows = self.table()
@@ -134,8 +145,8 @@ class EvalReport(BaseModel):
         return "\n".join(lines) + f"\n\n{self.caption()}"
 
 
-def _fmt(value: float | None) -> str:
-    return "no face" if value is None else f"{value:.2f}"
+def _fmt(value: float | None, spec: str = ".2f", missing: str = "no face") -> str:
+    return missing if value is None else f"{value:{spec}}"
 
 
 def _coverage(m: MethodScores) -> str:
@@ -207,18 +218,19 @@ class MethodRender:
 
 
 def render_methods(model: TalkingHead, static: tuple[GaussianState, GaussianState], source: FrameSource,
-                   frames: np.ndarray, nearest: np.ndarray, codes: CanonicalCodes | None = None
-                   ) -> dict[str, MethodRender]:
+                   frames: np.ndarray, nearest: np.ndarray, codes: CanonicalCodes | None = None,
+                   lip: LipMotion | None = None) -> dict[str, MethodRender]:
     """Each method's render of held-out ``frames``, one rasteriser call per layer and method;
     ``nearest``: the training frame whose audio the ``nearest`` baseline borrows for each;
-    ``codes``: the model's ``canonical_codes()``."""
+    ``codes``: the model's ``canonical_codes()``; ``lip``: the held-out utterance's lip motion."""
     rendered = {}
     for name in METHODS:
         if name == "static":
             head, torso = static
         else:
             cond = source.conditions(model, nearest if name == "nearest" else frames, poses=frames)
-            head, torso = model.frames(cond, deform=name != "no_deformation", codes=codes)
+            head, torso = model.frames(cond, deform=name != "no_deformation", codes=codes,
+                                       lip=lip if name in ("gstalker", "nearest") else None)
         layers = render_avatar(head, torso, source.viewmats[to_device(frames, source.device)], source.K, source.plate)
         rendered[name] = MethodRender(layers.rgb.clamp(0, 1), layers.alpha)
     return rendered
@@ -235,10 +247,11 @@ class Evaluation:
 @torch.no_grad()
 def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], test: SpeakerDataset,
              train_frames: np.ndarray, features: np.ndarray, samples_16k: np.ndarray, plate: np.ndarray,
-             track_cfg: TrackConfig, video: Path | None = None, audio: Path | None = None, batch_frames: int = 8
-             ) -> Evaluation:
+             track_cfg: TrackConfig, video: Path | None = None, audio: Path | None = None, batch_frames: int = 8,
+             calibration: LipGain | None = None) -> Evaluation:
     """Render the held-out frames with each method, ``batch_frames`` at a time on the model's
-    device, score them, optionally write a side-by-side video."""
+    device, score them, optionally write a side-by-side video. ``calibration``: the model's
+    lip gain (the bundle's), applied as a dub of the held-out audio applies it."""
     frames = test.indices
     size = plate.shape[0]
     a = test.arrays
@@ -246,6 +259,8 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     static_states = (GaussianState.of(static[0].to(source.device)), GaussianState.of(static[1].to(source.device)))
     nearest = nearest_training_frames(features, frames, train_frames)
     codes = model.canonical_codes()
+    lip = utterance_motion(model, model.audio_encoder.conditions(features, int(frames[0]), int(frames[-1]) + 1),
+                           calibration)
     detectors = {name: MediapipeFaceMesh(track_cfg) for name in VIDEO_PANELS}
     landmarks = {name: [] for name in detectors}
     sums = {name: {"se": 0.0, "ssim": 0.0, "face_se": 0.0, "face_ssim": 0.0} for name in METHODS}
@@ -258,7 +273,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     try:
         for first in range(0, len(frames), batch_frames):
             batch = slice(first, first + batch_frames)
-            renders = render_methods(model, static_states, source, frames[batch], nearest[batch], codes)
+            renders = render_methods(model, static_states, source, frames[batch], nearest[batch], codes, lip)
             images = {name: (r.rgb * 255).round().byte().cpu().numpy() for name, r in renders.items()}
             alphas = {name: r.alpha.cpu() for name, r in renders.items()}
             for k, t in enumerate(frames[batch]):
@@ -327,11 +342,14 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
             mouth_landmark_distance_px=lipsync.mouth_landmark_distance(lm, truth_lm[found], FACEMESH)
             if found.any() else None,
             mouth_opening_correlation=lipsync.pearson(opening, truth_open[found]),
+            mouth_opening_std=float(np.std(opening)) if len(opening) > 1 else None,
             audio_energy_correlation=lipsync.pearson(opening, energy[found]),
             jitter_px=lipsync.landmark_jitter(_stack(landmarks[name], detected, truth_lm[:0])),
             frames_without_face=int((~detected).sum()))
     report = EvalReport(frames=n, first_frame=int(frames[0]), resolution=size, mouth_frames=int(uncovered.sum()),
                         truth_audio_energy_correlation=lipsync.pearson(truth_open[uncovered], energy[uncovered]),
+                        truth_mouth_opening_std=float(np.std(truth_open[uncovered])) if uncovered.sum() > 1 else None,
+                        lip_gain=lip.gain,
                         methods=scores)
     curves = FrameCurves(frames=[int(t) for t in frames], psnr=frame_psnr, person_coverage=coverage,
                          mouth_opening=opening_curves)
@@ -385,7 +403,7 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
                            for name in (static_fit.HEAD, static_fit.TORSO))
             result = evaluate(bundle.model.to(configure(cfg.runtime)), static, test, train_frames, features, samples,
                               bundle.plate, cfg.track, video=workdir / VIDEO, audio=segment,
-                              batch_frames=cfg.runtime.batch_frames)
+                              batch_frames=cfg.runtime.batch_frames, calibration=bundle.manifest.lip_gain)
         finally:
             segment.unlink(missing_ok=True)
         (workdir / REPORT_JSON).write_text(result.report.model_dump_json(indent=2))

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from . import media
 from .config import PipelineConfig
 from .data.conditions import FrameSource
-from .dub import dub_audio, dub_frames
+from .dub import dub_audio, dub_frames, lip_motion
 from .dub_motion import pose_track_indices
 from .errors import InputError
 from .model.bundle import Bundle
@@ -64,7 +64,7 @@ def export_speaker(store: ArtifactStore, speaker: str, out_dir: Path, cfg: Pipel
 
 @torch.no_grad()
 def _deformed_head(bundle: Bundle, store: ArtifactStore, audio: str, at_s: float, cfg: PipelineConfig):
-    """(dub frame, head Gaussians deformed there) of ``audio`` at ``at_s`` seconds."""
+    """(dub frame, head Gaussians deformed there as a dub shows them) of ``audio`` at ``at_s`` seconds."""
     path = fetch_media(resolve_media(store, audio, cfg), cfg)
     media.probe(path)  # empty / missing / not media: a clear message
     scratch = cfg.cache_dir / "tmp"
@@ -78,5 +78,5 @@ def _deformed_head(bundle: Bundle, store: ArtifactStore, audio: str, at_s: float
     source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate, next(model.parameters()).device,
                                heard.features)
     pose = pose_track_indices(heard.n_frames, len(bundle.viewmats), cfg.dub.pose_stretch)[[frame]]
-    head, _ = dub_frames(model, source, np.array([frame]), pose)
+    head, _ = dub_frames(model, source, np.array([frame]), pose, lip=lip_motion(bundle, source, cfg.dub))
     return frame, model.head.with_geometry(head.means[0], head.quats[0], head.log_scales[0])

@@ -31,7 +31,7 @@ from gstalker_core.errors import ConfigError, InputError
 from gstalker_core.render.gaussians import GaussianModel
 from gstalker_core.storage import LocalStore, fetch_part
 from gstalker_core.storage.checkpoints import Checkpoints
-from gstalker_core.model.talking_head import TalkingHead
+from gstalker_core.model.talking_head import LipMotion, TalkingHead
 from tasks.gpu import claim_gpu
 
 META = torch.device("meta")
@@ -111,10 +111,12 @@ def test_an_evaluation_batch_renders_every_method_on_the_device(on_meta):
         assert render.rgb.shape == (4, *source.plate.shape) and render.alpha.shape == (4, *source.plate.shape[:2], 1)
 
 
-def test_a_dub_chunk_renders_on_the_device(on_meta):
+@pytest.mark.parametrize("gain", [1.0, 1.7])
+def test_a_dub_chunk_renders_on_the_device(on_meta, gain):
     _, model, _, source = on_meta
+    lip = LipMotion(torch.zeros(model.audio_encoder.code_dim, device=META), gain)
     with torch.no_grad():
-        rgb = render_chunk(model, source, np.arange(5), np.array([0, 1, 2, 1, 0]))
+        rgb = render_chunk(model, source, np.arange(5), np.array([0, 1, 2, 1, 0]), lip=lip)
     _all_on_meta(rgb)
     assert rgb.shape == (5, *source.plate.shape)
 

@@ -216,13 +216,17 @@ def _evaluation(sp):
 def test_evaluation_report_has_every_baseline_and_the_per_frame_curves(tiny_speaker):
     manifest = _evaluation(tiny_speaker)
     report = evaluate.EvalReport.model_validate(manifest.meta)
-    assert list(report.methods) == list(evaluate.METHODS) == ["gstalker", "no_deformation", "static", "nearest"]
+    assert list(report.methods) == list(evaluate.METHODS) == ["gstalker", "no_lip_gain", "no_deformation", "static",
+                                                              "nearest"]
+    bundle = fetch_bundle(tiny_speaker.store, tiny_speaker.bundle, tiny_speaker.cfg.cache_dir)
+    assert report.lip_gain is not None and 1.0 <= report.lip_gain <= bundle.manifest.lip_gain.max_gain
     assert report.frames == len(range(report.first_frame, report.first_frame + report.frames)) > 0
     assert set(manifest.parts) >= {evaluate.REPORT_JSON, evaluate.REPORT_MD, evaluate.VIDEO, evaluate.CURVES_JSON,
                                    evaluate.PLOT}
     markdown = report.markdown()
     assert "| gstalker |" in markdown and "| trained Gaussians, no deformation |" in markdown
     assert "| static fit (mouth frozen) |" in markdown and f"mouth LMD (px@{report.resolution})" in markdown
+    assert "| gstalker, lip gain 1 |" in markdown and "mouth-open std" in markdown
     for scores in report.methods.values():
         # the full frame's error is the pixel-weighted mean of the regions' errors
         regions = [scores.region_psnr[r] for r in evaluate.REGIONS if scores.region_psnr[r] > 0]

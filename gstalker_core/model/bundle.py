@@ -29,6 +29,7 @@ from ..config import DeformConfig
 from ..errors import InputError
 from ..render.gaussians import GaussianModel
 from ..storage import ArtifactStore, StageManifest, fetch_stage
+from .lip_gain import LipGain
 from .talking_head import TalkingHead
 
 FORMAT_VERSION = 1  # the files and manifest schema; network contents are checked key by key on load
@@ -46,6 +47,7 @@ class BundleManifest(BaseModel):
     deform: DeformConfig
     n_train_frames: int
     sources: dict[str, str]  # stage -> content key the bundle was made from
+    lip_gain: LipGain | None = None  # None: not calibrated, every utterance at gain 1
 
 
 @dataclass

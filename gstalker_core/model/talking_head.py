@@ -19,6 +19,7 @@ from torch import nn
 from .avatar import GaussianState
 from ..config import DeformConfig
 from ..deform import AudioEncoder, FaceDeformField, TorsoDeformField, pose_condition, reference_pose
+from ..deform.fields import DeformDeltas
 from ..render.gaussians import GaussianModel
 
 
@@ -52,6 +53,16 @@ class CanonicalCodes:
     torso: torch.Tensor  # (N_torso, E') frequency encoding of the torso centres
 
 
+@dataclass
+class LipMotion:
+    """A gain on the audio-driven part of the face's motion (``model.lip_gain`` says why):
+    deltas = r + gain (deltas - r), r the deltas of the ``reference`` audio code (the utterance's
+    mean) with the same eye openness."""
+
+    reference: torch.Tensor  # (code_dim,)
+    gain: float
+
+
 def bounding_box(points: torch.Tensor, margin: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = points.min(dim=0).values, points.max(dim=0).values
     pad = (hi - lo).clamp_min(1e-6) * margin
@@ -76,22 +87,35 @@ class TalkingHead(nn.Module):
     def canonical_codes(self) -> CanonicalCodes:
         return CanonicalCodes(self.face_field.encode(self.head.means), self.torso_field.encode(self.torso.means))
 
-    def frames(self, cond: FrameConditions, deform: bool = True, codes: CanonicalCodes | None = None
-               ) -> tuple[GaussianState, GaussianState]:
+    def frames(self, cond: FrameConditions, deform: bool = True, codes: CanonicalCodes | None = None,
+               lip: LipMotion | None = None) -> tuple[GaussianState, GaussianState]:
         """Head and torso states of the B frames: batched deformed states, or the shared
         static fit when ``deform`` is False. A ``NO_FRAME`` frame gets the static torso (its
         torso deltas are zeroed, which leaves the static attributes exactly). ``codes``: the
-        ``canonical_codes()`` of these Gaussians, when the caller keeps them."""
+        ``canonical_codes()`` of these Gaussians, when the caller keeps them; ``lip``: a gain
+        on the audio-driven motion (none: as trained)."""
         head, torso = GaussianState.of(self.head), GaussianState.of(self.torso)
         if not deform:
             return head, torso
         codes = codes or self.canonical_codes()
-        face = self.face_field(codes.face, self.audio_encoder(cond.audio), cond.eye)
+        face = self.face_deltas(codes.face, self.audio_encoder(cond.audio), cond.eye, lip)
         known = cond.track_frames != NO_FRAME
         body = self.torso_field(codes.torso, self.pose(cond.viewmats),
                                 self.torso_field.latent_for_track(cond.track_frames.clamp_min(0)))
         return head.deformed(*face.apply(head.means, head.quats, head.log_scales)), \
             torso.deformed(*body.where(known).apply(torso.means, torso.quats, torso.log_scales))
+
+
+    def face_deltas(self, encoded: torch.Tensor, audio: torch.Tensor, eye: torch.Tensor, lip: LipMotion | None
+                    ) -> DeformDeltas:
+        """The face field's deltas for audio codes ``audio`` (B, code_dim), with ``lip``'s gain: the
+        frames and their reference in one field call of 2B conditions."""
+        if lip is None or lip.gain == 1.0:
+            return self.face_field(encoded, audio, eye)
+        both = self.face_field(encoded, torch.cat([audio, lip.reference.to(audio).expand_as(audio)]),
+                               torch.cat([eye, eye]))
+        return DeformDeltas(*(r + lip.gain * (d - r) for d, r in
+                              (delta.split(len(audio)) for delta in (both.d_means, both.d_quats, both.d_log_scales))))
 
 
 def eye_openness(blink: np.ndarray) -> np.ndarray:

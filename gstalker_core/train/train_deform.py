@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel
 
 from .. import __version__, audio, tracking
+from ..model import lip_gain
 from ..model.avatar import render_avatar
 from ..model.bundle import FORMAT_VERSION, Bundle, BundleManifest, save_bundle
 from ..data.conditions import FrameSource, to_device
@@ -43,8 +44,9 @@ from ..tracking import SpeakerDataset
 from ..tracking.topology import Topology
 
 STAGE = "deform"
-CODE_VERSION = "5"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
-# 4: torso Gaussians frozen, learning-rate decay; 5: pitch-shifted audio for half of the frames
+CODE_VERSION = "6"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
+# 4: torso Gaussians frozen, learning-rate decay; 5: pitch-shifted audio for half of the frames;
+# 6: lip gain calibrated after training (model.lip_gain)
 
 Progress = Callable[[int, Optional[int], dict], None]
 
@@ -236,10 +238,13 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
         a = train.arrays
         source = FrameSource.build(a.viewmats, a.blink, a.K, plate, device, features, augmented)
         report = train_deformation(model.to(device), train, source, cfg.train, checkpoints, progress)
+        gain = (lip_gain.calibrate(model, train, source, cfg.track, cfg.train.lip_gain_frames, cfg.train.lip_gain_max,
+                                   cfg.runtime.batch_frames) if cfg.train.lip_gain_frames else None)
         manifest = BundleManifest(format_version=FORMAT_VERSION, gstalker_version=__version__,
                                   resolution=plate.shape[0], fps=25, audio_spec=spec,
                                   step_window=cfg.audio.step_window, deform=cfg.deform.resolved(),
-                                  n_train_frames=len(train.indices), sources=_inputs(track_run, audio_run, static_run))
+                                  n_train_frames=len(train.indices), sources=_inputs(track_run, audio_run, static_run),
+                                  lip_gain=gain)
         save_bundle(Bundle(manifest, model, viewmats, train.arrays.blink[train.indices], train.arrays.K, plate),
                     workdir)
         return {"bundle": manifest.model_dump(mode="json"), "training": report.model_dump(mode="json")}

@@ -1,0 +1,156 @@
+"""Lip gain: undoing the fitted face field's shrinkage of the mouth's motion, per speaker and per utterance.
+
+A field fitted to ambiguous targets (the same sound is said with a wider or a narrower mouth)
+predicts their mean, and a voice it never heard moves it less again. Measured on
+cnn_anchor_71s's preview model, by FaceMesh on the renders: dubbed with its own training audio
+the mouth opened with 0.47x the real clip's spread, with another speaker's recording 0.39x,
+while the tracked lip landmarks the field predicts kept 0.81x (the renders lose the rest: lips
+a pixel apart do not read as open). The cure is a gain on the audio-driven part of the
+motion, around the utterance's mean:
+
+    deltas = r + gain * (field(code_t, eye_t) - r),    r = field(mean code of the utterance, eye_t)
+
+so the eyes, and whatever the field does the same for every sound, stay as trained.
+
+- **Speaker gain**, calibrated once on the training frames when the model is made
+  (``calibrate``): training frames are rendered with their own audio at gains 1, 1.5, 2, ...,
+  FaceMesh measures the rendered mouth opening and the real frames' opening; the speaker gain
+  is where the rendered spread reaches the real one (linear between the gains tried).
+- **Utterance factor**: a new voice can drive the field less than the training voice did. The
+  field's predicted lip gap at the template's four mouth points (no rendering: four points a
+  frame) has a spread over the utterance; the factor is the training audio's spread over this
+  utterance's (normalisation per utterance, as log-mel's per band, at the level of the motion).
+
+The gain of an utterance is speaker gain x utterance factor, within [1, ``max_gain``].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from ..config import TrackConfig
+from ..data.conditions import FrameSource
+from ..data.dataset import SpeakerDataset
+from ..metrics import lipsync
+from ..tracking.landmarks import MediapipeFaceMesh
+from ..tracking.topology import FACEMESH
+from .avatar import render_avatar
+from .talking_head import LipMotion, TalkingHead
+
+TRIED_GAINS = (1.0, 1.5, 2.0, 2.5, 3.0)
+MIN_FACE_SHARE = 0.5  # of the calibration frames, real and rendered, where FaceMesh must find the face
+
+
+class LipGain(BaseModel):
+    """A speaker's lip-gain calibration (in the bundle manifest)."""
+
+    speaker_gain: float
+    reference_spread: float  # the training audio's predicted lip-gap spread (``lip_spread``)
+    lip_points: list[list[float]]  # template points: upper and lower inner lip, mouth corners (head frame)
+    max_gain: float
+    # what the calibration saw: real frames' mouth-opening spread, rendered spread at each gain tried
+    frames: int
+    real_spread: float | None
+    rendered_spread: dict[str, float]
+    note: str = ""
+
+
+def lip_points(template: np.ndarray, topology) -> np.ndarray:
+    """(4, 3) template points: upper and lower inner-lip midpoints, then the mouth corners."""
+    return template[[*topology.lip_gap, *topology.mouth_corners]].astype(np.float32)
+
+
+@torch.no_grad()
+def lip_spread(model: TalkingHead, codes: torch.Tensor, points: np.ndarray) -> float:
+    """Spread (std over frames) of the lip gap over mouth width that the face field predicts at
+    the template's mouth ``points`` for the audio ``codes`` (T, code_dim), eyes open, gain 1."""
+    field = model.face_field
+    encoded = field.encode(torch.as_tensor(points, dtype=codes.dtype, device=codes.device))
+    moved = torch.as_tensor(points, dtype=codes.dtype, device=codes.device) + field(
+        encoded, codes, torch.ones(len(codes), dtype=codes.dtype, device=codes.device)).d_means
+    gap = (moved[:, 0] - moved[:, 1]).norm(dim=-1) / (moved[:, 2] - moved[:, 3]).norm(dim=-1).clamp_min(1e-9)
+    return float(gap.std()) if len(gap) > 1 else 0.0
+
+
+@torch.no_grad()
+def utterance_motion(model: TalkingHead, codes: torch.Tensor, calibration: LipGain | None,
+                     fixed_gain: float | None = None) -> LipMotion:
+    """The lip motion of an utterance whose audio codes are ``codes`` (T, code_dim): its mean code
+    as the reference; the gain ``fixed_gain`` when given, else the calibrated speaker gain x
+    utterance factor within [1, max gain] (1 for a model without calibration)."""
+    reference = codes.mean(dim=0)
+    if fixed_gain is not None:
+        return LipMotion(reference, float(fixed_gain))
+    if calibration is None:
+        return LipMotion(reference, 1.0)
+    spread = lip_spread(model, codes, np.asarray(calibration.lip_points, np.float32))
+    factor = calibration.reference_spread / spread if spread > 0 else calibration.max_gain
+    return LipMotion(reference, float(np.clip(calibration.speaker_gain * factor, 1.0, calibration.max_gain)))
+
+
+def gain_reaching(target: float, gains: list[float], spreads: list[float]) -> float:
+    """The gain at which the rendered spread, linear between the ``gains`` tried (ascending),
+    first reaches ``target``: the first gain when it is already there, the last when none does."""
+    if spreads[0] >= target:
+        return gains[0]
+    for (g0, s0), (g1, s1) in zip(zip(gains, spreads), zip(gains[1:], spreads[1:])):
+        if s1 >= target:
+            return g0 + (g1 - g0) * (target - s0) / (s1 - s0)
+    return gains[-1]
+
+
+@dataclass
+class _Openings:
+    values: list[float]
+
+    def spread(self) -> float | None:
+        found = [v for v in self.values if np.isfinite(v)]
+        return float(np.std(found)) if len(found) >= max(2, MIN_FACE_SHARE * len(self.values)) else None
+
+
+def _opening(detector: MediapipeFaceMesh, image: np.ndarray) -> float:
+    points = detector.detect(image)
+    return np.nan if points is None else float(lipsync.mouth_opening(points[None], FACEMESH)[0])
+
+
+@torch.no_grad()
+def calibrate(model: TalkingHead, train: SpeakerDataset, source: FrameSource, track_cfg: TrackConfig,
+              n_frames: int, max_gain: float, batch_frames: int = 8) -> LipGain:
+    """The speaker gain of ``model`` measured on ``n_frames`` training frames spread over the clip
+    (each with its own audio, pose, blink and torso latent), and the training audio's spread."""
+    a = train.arrays
+    points = lip_points(a.template, train.topology)
+    train_frames = np.sort(train.indices)
+    codes = model.audio_encoder.conditions(source.features, 0, int(train_frames[-1]) + 1)[
+        torch.as_tensor(train_frames, device=source.device)]
+    reference = codes.mean(dim=0)
+    picked = train_frames[np.linspace(0, len(train_frames) - 1, min(n_frames, len(train_frames))).round().astype(int)]
+    gains = [g for g in TRIED_GAINS if g <= max_gain]
+    detector = MediapipeFaceMesh(track_cfg)
+    try:
+        real = _Openings([_opening(detector, train.sample(int(t)).rgb.numpy()) for t in picked])
+        rendered = {g: _Openings([]) for g in gains}
+        canonical = model.canonical_codes()
+        for first in range(0, len(picked), batch_frames):
+            batch = picked[first:first + batch_frames]
+            cond = source.conditions(model, batch, track=batch)
+            for g in gains:
+                head, torso = model.frames(cond, codes=canonical, lip=LipMotion(reference, g))
+                rgb = render_avatar(head, torso, cond.viewmats, source.K, source.plate).rgb.clamp(0, 1)
+                images = (rgb * 255).round().byte().cpu().numpy()
+                rendered[g].values.extend(_opening(detector, image) for image in images)
+    finally:
+        detector.close()
+    real_spread = real.spread()
+    spreads = {g: o.spread() for g, o in rendered.items()}
+    common = dict(reference_spread=lip_spread(model, codes, points), lip_points=points.tolist(), max_gain=max_gain,
+                  frames=len(picked), real_spread=real_spread,
+                  rendered_spread={f"{g:g}": s for g, s in spreads.items() if s is not None})
+    if real_spread is None or any(s is None for s in spreads.values()):
+        return LipGain(speaker_gain=1.0, note=f"FaceMesh found too few faces in the {len(picked)} calibration "
+                                              f"frames (under {MIN_FACE_SHARE:.0%}): gain left at 1", **common)
+    return LipGain(speaker_gain=gain_reaching(real_spread, gains, [spreads[g] for g in gains]), **common)

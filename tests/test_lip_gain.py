@@ -1,0 +1,95 @@
+"""The lip gain (``model.lip_gain``): its arithmetic on the face field, the utterance factor,
+the calibration's interpolation, and that a trained bundle carries its calibration to dubs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gstalker_core import audio
+from gstalker_core.model.bundle import fetch_bundle
+from gstalker_core.model.lip_gain import LipGain, gain_reaching, lip_spread, utterance_motion
+from gstalker_core.model.talking_head import LipMotion
+
+
+@pytest.fixture(scope="module")
+def model_and_codes(tiny_speaker):
+    bundle = fetch_bundle(tiny_speaker.store, tiny_speaker.bundle, tiny_speaker.cfg.cache_dir)
+    features = audio.load_features(tiny_speaker.store, tiny_speaker.audio, tiny_speaker.cfg.cache_dir)
+    with torch.no_grad():
+        codes = bundle.model.audio_encoder.conditions(features, 0, len(features) // 2)
+    return bundle, codes
+
+
+def test_a_gain_scales_the_audio_driven_motion_around_the_reference(model_and_codes):
+    bundle, codes = model_and_codes
+    model = bundle.model
+    encoded = model.face_field.encode(model.head.means)
+    eye = torch.linspace(0.2, 1.0, 6)
+    audio_codes, reference = codes[:6], codes.mean(dim=0)
+    with torch.no_grad():
+        plain = model.face_field(encoded, audio_codes, eye)
+        at_reference = model.face_field(encoded, reference.expand_as(audio_codes), eye)
+        amplified = model.face_deltas(encoded, audio_codes, eye, LipMotion(reference, 1.8))
+        unchanged = model.face_deltas(encoded, audio_codes, eye, LipMotion(reference, 1.0))
+        still = model.face_deltas(encoded, reference.expand_as(audio_codes), eye, LipMotion(reference, 2.5))
+    for name in ("d_means", "d_quats", "d_log_scales"):
+        d, r = getattr(plain, name), getattr(at_reference, name)
+        assert torch.allclose(getattr(amplified, name), r + 1.8 * (d - r), atol=1e-6), name
+        assert torch.equal(getattr(unchanged, name), d), name  # gain 1: exactly the trained field
+        # the reference sound itself (and so what the eyes do alone) is not amplified
+        assert torch.allclose(getattr(still, name), r, atol=1e-6), name
+    assert (amplified.d_means - plain.d_means).abs().max() > 0
+
+
+def test_the_utterance_gain_is_the_speaker_gain_times_the_spread_ratio_within_bounds(model_and_codes):
+    bundle, codes = model_and_codes
+    model = bundle.model
+    points = np.random.default_rng(0).normal(0, 0.05, (4, 3)).astype(np.float32)
+    spread = lip_spread(model, codes, points)
+    assert spread > 0
+
+    def calibration(speaker_gain: float, reference_spread: float) -> LipGain:
+        return LipGain(speaker_gain=speaker_gain, reference_spread=reference_spread, lip_points=points.tolist(),
+                       max_gain=2.5, frames=10, real_spread=0.05, rendered_spread={})
+
+    assert utterance_motion(model, codes, calibration(1.4, spread)).gain == pytest.approx(1.4, rel=1e-5)
+    assert utterance_motion(model, codes, calibration(1.2, 1.5 * spread)).gain == pytest.approx(1.8, rel=1e-5)
+    assert utterance_motion(model, codes, calibration(1.5, 4 * spread)).gain == 2.5  # at most max_gain
+    assert utterance_motion(model, codes, calibration(1.5, 0.1 * spread)).gain == 1.0  # never below 1
+    assert utterance_motion(model, codes, None).gain == 1.0  # an uncalibrated model: as trained
+    fixed = utterance_motion(model, codes, calibration(1.4, spread), fixed_gain=0.7)
+    assert fixed.gain == 0.7 and torch.allclose(fixed.reference, codes.mean(dim=0))
+
+
+def test_the_speaker_gain_is_where_the_rendered_spread_reaches_the_real_one():
+    gains = [1.0, 1.5, 2.0]
+    assert gain_reaching(0.05, gains, [0.03, 0.07, 0.09]) == pytest.approx(1.25)
+    assert gain_reaching(0.08, gains, [0.03, 0.07, 0.09]) == pytest.approx(1.75)
+    assert gain_reaching(0.02, gains, [0.03, 0.07, 0.09]) == 1.0  # already there at gain 1
+    assert gain_reaching(0.20, gains, [0.03, 0.07, 0.09]) == 2.0  # never reached: the largest tried
+    assert gain_reaching(0.05, gains, [0.03, 0.02, 0.06]) == pytest.approx(1.875)  # the first crossing
+
+
+def test_a_trained_bundle_carries_its_calibration_and_a_dub_says_its_gain(tiny_speaker, tmp_path):
+    from gstalker_core import dub
+
+    bundle = fetch_bundle(tiny_speaker.store, tiny_speaker.bundle, tiny_speaker.cfg.cache_dir)
+    calibration = bundle.manifest.lip_gain
+    cfg = tiny_speaker.cfg
+    assert calibration is not None and calibration.frames == min(cfg.train.lip_gain_frames,
+                                                                 bundle.manifest.n_train_frames)
+    assert 1.0 <= calibration.speaker_gain <= calibration.max_gain == cfg.train.lip_gain_max
+    assert calibration.reference_spread > 0 and np.asarray(calibration.lip_points).shape == (4, 3)
+    # FaceMesh may not find a 64 px face: then the calibration says so and leaves the gain at 1
+    assert calibration.note or len(calibration.rendered_spread) > 1
+    wav = tmp_path / "voice.wav"
+    audio_signal = np.random.default_rng(1).normal(0, 0.1, 24000).astype(np.float32) * np.sin(np.linspace(0, 60, 24000))
+    import soundfile
+
+    soundfile.write(wav, audio_signal, 16000)
+    fixed = dub.dub(bundle, wav, tmp_path / "fixed.mp4", cfg.dub.model_copy(update={"lip_gain": 1.6}))
+    assert fixed.lip_gain == 1.6
+    calibrated = dub.dub(bundle, wav, tmp_path / "calibrated.mp4", cfg.dub)
+    assert 1.0 <= calibrated.lip_gain <= calibration.max_gain
