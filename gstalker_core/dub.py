@@ -120,7 +120,7 @@ def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: P
                          "give a pose track at least as long as the audio")
     model, size = bundle.model, bundle.manifest.resolution
     source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate,
-                               next(model.parameters()).device, features)
+                               next(model.parameters()).device, features, torso_shift=bundle.torso_shift)
     render_start = time.perf_counter()
     lip = lip_motion(bundle, source, cfg)
     with media.VideoWriter(out, size, size, fps, audio=audio_path) as writer:
@@ -172,8 +172,9 @@ def render_chunk(model: TalkingHead, source: FrameSource, frames: np.ndarray, po
                  codes: CanonicalCodes | None = None, lip: LipMotion | None = None) -> torch.Tensor:
     """(B, H, W, 3) frames in [0, 1] of ``dub_frames``, one rasteriser call per layer."""
     head, torso = dub_frames(model, source, frames, poses, codes, lip)
-    return render_avatar(head, torso, source.viewmats[to_device(poses, source.device)], source.K,
-                         source.plate).rgb.clamp(0, 1)
+    index = to_device(poses, source.device)
+    return render_avatar(head, torso, source.viewmats[index], source.K, source.plate,
+                         torso_shift=source.torso_shift[index]).rgb.clamp(0, 1)
 
 
 class DubResult(BaseModel):

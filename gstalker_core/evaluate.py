@@ -2,7 +2,8 @@
 
 Methods, rendered for the same held-out frames with the same poses and blinks:
 - ``gstalker``: our deformation driven by each frame's own (training-clip) audio, with the
-  static torso (``talking_head.NO_FRAME``: no training frame stands for a held-out pose), and
+  static torso (``talking_head.NO_FRAME``: no training frame stands for a held-out pose) at
+  the frame's tracked torso shift (``tracking.torso``, as the head at its tracked pose), and
   the lip gain a dub of the held-out audio gets (``model.lip_gain``);
 - ``no_lip_gain``: the same at gain 1 (what the calibrated gain adds or costs);
 - ``no_deformation``: the trained model's Gaussians with no deformation (the ablation: what
@@ -231,7 +232,9 @@ def render_methods(model: TalkingHead, static: tuple[GaussianState, GaussianStat
             cond = source.conditions(model, nearest if name == "nearest" else frames, poses=frames)
             head, torso = model.frames(cond, deform=name != "no_deformation", codes=codes,
                                        lip=lip if name in ("gstalker", "nearest") else None)
-        layers = render_avatar(head, torso, source.viewmats[to_device(frames, source.device)], source.K, source.plate)
+        index = to_device(frames, source.device)
+        layers = render_avatar(head, torso, source.viewmats[index], source.K, source.plate,
+                               torso_shift=source.torso_shift[index])
         rendered[name] = MethodRender(layers.rgb.clamp(0, 1), layers.alpha)
     return rendered
 
@@ -255,7 +258,8 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     frames = test.indices
     size = plate.shape[0]
     a = test.arrays
-    source = FrameSource.build(a.viewmats, a.blink, a.K, plate, next(model.parameters()).device, features)
+    source = FrameSource.build(a.viewmats, a.blink, a.K, plate, next(model.parameters()).device, features,
+                               torso_shift=a.torso_shift)
     static_states = (GaussianState.of(static[0].to(source.device)), GaussianState.of(static[1].to(source.device)))
     nearest = nearest_training_frames(features, frames, train_frames)
     codes = model.canonical_codes()

@@ -77,9 +77,9 @@ def test_default_stage_keys_are_stable():
 
     ingest = StageManifest(stage="ingest", key="0" * 32, code_version="1", gstalker_version="0",
                            created_at=datetime.now(timezone.utc), inputs={}, config={}, parts={}, meta={})
-    want = {"tiny": ("56896ef357189c1d5d74435409445cc9", "68d1d10efc340d286a00ef5976c522a3",
+    want = {"tiny": ("9566dbe7154db01afe64b0aade89176e", "68d1d10efc340d286a00ef5976c522a3",
                      "8f3ad94a5403a0d54d86aab54c4fba8c"),
-            "preview": ("13905d42b2918d6501a6786cf1ed4761", "8cd87c3a63f6edb7c365aed9976acc04",
+            "preview": ("d294f1f62c677051c09b74d4c177972e", "8cd87c3a63f6edb7c365aed9976acc04",
                         "c91292bba52d32b444f5ca3da795e564")}
     for profile, keys in want.items():
         cfg = load_config(profile, environ={})

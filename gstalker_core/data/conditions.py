@@ -1,12 +1,12 @@
 """Per-frame inputs on one device: the one place where a clip's or a dub's arrays become the
 tensors that training, evaluation and dubbing feed the model and the rasteriser.
 
-A ``FrameSource`` holds a pose track (world-to-camera matrices and blinks), the camera
-intrinsics, the background plate and, where there is audio, the audio features. Its
+A ``FrameSource`` holds a pose track (world-to-camera matrices, blinks and torso shifts),
+the camera intrinsics, the background plate and, where there is audio, the audio features. Its
 ``conditions`` pick, for B frames, the audio windows of some frames and the poses of others:
 - training: the frames' own audio, poses and torso latents;
-- evaluation: a held-out frame's audio (or its nearest training frame's) at its own pose,
-  with the static torso (``NO_FRAME``);
+- evaluation: a held-out frame's audio (or its nearest training frame's) at its own pose
+  and torso shift, with the static torso (``NO_FRAME``);
 - dubbing: the new audio's frames at the poses of the training frames the pose track
   extends over, with those frames' torso latents.
 ``targets`` turns dataset samples into the layer targets of the photometric loss.
@@ -39,17 +39,20 @@ class FrameSource:
     K: torch.Tensor  # (3, 3) float32
     plate: torch.Tensor  # (H, W, 3) float32 in [0, 1]
     plate_rgb: np.ndarray  # (H, W, 3) uint8, the same plate for the targets
+    torso_shift: torch.Tensor  # (T, 2) float32 pixels, where the torso layer is drawn (tracking.torso)
     features: np.ndarray | None  # (steps, n_features) audio features, 2 steps per frame; None: no audio
     augmented: np.ndarray | None = None  # (V, steps, n_features) pitch-shifted versions of the training audio
 
     @classmethod
     def build(cls, viewmats: np.ndarray, blink: np.ndarray, K: np.ndarray, plate: np.ndarray,
               device: torch.device, features: np.ndarray | None = None,
-              augmented: np.ndarray | None = None) -> "FrameSource":
+              augmented: np.ndarray | None = None, torso_shift: np.ndarray | None = None) -> "FrameSource":
+        """``torso_shift``: (T, 2) per pose-track frame; none: the torso never moves."""
+        shift = np.zeros((len(viewmats), 2), np.float32) if torso_shift is None else torso_shift
         return cls(viewmats=to_device(viewmats, device, torch.float32),
                    eye=to_device(eye_openness(blink), device, torch.float32), K=to_device(K, device, torch.float32),
-                   plate=to_device(plate, device, torch.float32) / 255.0, plate_rgb=plate, features=features,
-                   augmented=augmented)
+                   plate=to_device(plate, device, torch.float32) / 255.0, plate_rgb=plate,
+                   torso_shift=to_device(shift, device, torch.float32), features=features, augmented=augmented)
 
     def draw_voices(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
         """For ``n`` training frames, which version of their audio to hear: 0 the original (half
@@ -78,7 +81,8 @@ class FrameSource:
                              "build the pose track from this model's training track (pose_track_indices)")
         index = to_device(poses, self.device)
         return FrameConditions(audio=self._audio_windows(model, audio_frames, voices), eye=self.eye[index],
-                               viewmats=self.viewmats[index], track_frames=to_device(track, self.device))
+                               viewmats=self.viewmats[index], track_frames=to_device(track, self.device),
+                               torso_shift=self.torso_shift[index])
 
     def _audio_windows(self, model: TalkingHead, audio_frames: np.ndarray, voices: np.ndarray | None) -> torch.Tensor:
         windows = model.audio_encoder.windows(self.features, audio_frames)

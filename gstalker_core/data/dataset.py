@@ -21,7 +21,8 @@ import torch
 from ..audio import frame_windows
 from .frames import ChunkReader
 from ..tracking.topology import Topology, topology_named
-from ..tracking.track import BLINK, INTRINSICS, LANDMARKS, MOUTH_COVERED, TEMPLATE, VALID, VIEWMATS, TrackManifest
+from ..tracking.track import (BLINK, INTRINSICS, LANDMARKS, MOUTH_COVERED, TEMPLATE, TORSO_SHIFT, VALID, VIEWMATS,
+                              TrackManifest)
 
 
 @dataclass
@@ -33,10 +34,11 @@ class TrackArrays:
     valid: np.ndarray  # (N,) bool, False where interpolated
     mouth_covered: np.ndarray  # (N,) bool, True where a hand (or object) hides the mouth
     template: np.ndarray  # (P, 3) float32 world points
+    torso_shift: np.ndarray  # (N, 2) float32 pixels: where the torso layer is drawn (tracking.torso)
 
     @classmethod
     def load(cls, parts: dict[str, Path]) -> "TrackArrays":
-        names = (VIEWMATS, INTRINSICS, LANDMARKS, BLINK, VALID, MOUTH_COVERED, TEMPLATE)
+        names = (VIEWMATS, INTRINSICS, LANDMARKS, BLINK, VALID, MOUTH_COVERED, TEMPLATE, TORSO_SHIFT)
         return cls(*(np.load(parts[name]) for name in names))
 
 

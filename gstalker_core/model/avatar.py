@@ -71,27 +71,39 @@ class Layers:
         return 1 - (1 - self.head_alpha) * (1 - self.torso_alpha)
 
 
-def _render(state: GaussianState, viewmats: torch.Tensor, K: torch.Tensor, size: int, backend: str):
-    """One rasteriser call for all of ``viewmats``' cameras; a batched state gives camera c
-    its own frame's Gaussians."""
+def _render(state: GaussianState, viewmats: torch.Tensor, Ks: torch.Tensor, size: int, backend: str):
+    """One rasteriser call for all of ``viewmats``' cameras (``Ks`` (3, 3) for all, or one
+    each); a batched state gives camera c its own frame's Gaussians."""
     cameras = len(viewmats)
     opacities, colors = state.opacities, state.colors
     if state.batched:
         opacities, colors = opacities.expand(cameras, *opacities.shape), colors.expand(cameras, *colors.shape)
     return rasterization(state.means, state.quats, torch.exp(state.log_scales), opacities, colors, viewmats,
-                         K.expand(cameras, 3, 3), size, size, sh_degree=state.sh_degree, backend=backend)
+                         Ks.expand(cameras, 3, 3), size, size, sh_degree=state.sh_degree, backend=backend)
+
+
+def shifted_intrinsics(K: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 3) copies of ``K`` whose principal point moves by ``shift`` (B, 2) pixels: a layer
+    drawn with them is its image moved by exactly that much, whatever each point's depth."""
+    Ks = K.expand(len(shift), 3, 3).clone()
+    Ks[:, :2, 2] += shift.to(K.dtype)
+    return Ks
 
 
 def render_avatar(head: GaussianState, torso: GaussianState, viewmats: torch.Tensor, K: torch.Tensor,
-                  plate: torch.Tensor, backend: str = "auto") -> Layers:
+                  plate: torch.Tensor, backend: str = "auto", torso_shift: torch.Tensor | None = None) -> Layers:
     """Render B frames, each layer in one rasteriser call. ``head``/``torso``: one state shared
     by all frames, or a batched state of B deformed frames; ``viewmats`` (B, 4, 4)
-    head-to-camera; ``K`` (3, 3); ``plate`` (H, W, 3); all on one device."""
+    head-to-camera; ``K`` (3, 3); ``plate`` (H, W, 3); ``torso_shift`` (B, 2): where the
+    torso layer is drawn, in pixels (``tracking.torso``; none: where it was fitted); all on one device."""
     size, frames = plate.shape[0], len(viewmats)
     head_rgb, head_alpha, head_meta = _render(head, viewmats, K, size, backend)
-    identity = torch.eye(4, dtype=viewmats.dtype, device=viewmats.device).expand(frames if torso.batched else 1, 4, 4)
-    torso_rgb, torso_alpha, torso_meta = _render(torso, identity, K, size, backend)
-    if not torso.batched:  # the camera-space torso is the same image in every frame: drawn once
+    # the camera-space torso: one image for every frame, drawn once, unless it moves
+    once = not torso.batched and torso_shift is None
+    identity = torch.eye(4, dtype=viewmats.dtype, device=viewmats.device).expand(1 if once else frames, 4, 4)
+    torso_K = K if torso_shift is None else shifted_intrinsics(K, torso_shift)
+    torso_rgb, torso_alpha, torso_meta = _render(torso, identity, torso_K, size, backend)
+    if once:
         torso_rgb, torso_alpha = torso_rgb.expand(frames, -1, -1, -1), torso_alpha.expand(frames, -1, -1, -1)
     lower = torso_rgb + (1 - torso_alpha) * plate
     rgb = head_rgb + (1 - head_alpha) * lower

@@ -5,7 +5,7 @@ A bundle is a folder (and a stage output in the store):
   spec the model was trained on, deformation config, resolution, source stage keys);
 - ``head.safetensors``, ``torso.safetensors``: the static Gaussians;
 - ``networks.safetensors``: audio encoder, face and torso fields;
-- ``tracks.npz``: training pose track (viewmats), blink track, intrinsics K;
+- ``tracks.npz``: training pose track (viewmats), blink track, torso shifts, intrinsics K;
 - ``plate.png``: the background.
 Loading checks the format version first, so a bundle from an incompatible release fails
 with a clear message instead of a shape error deep in torch.
@@ -58,6 +58,7 @@ class Bundle:
     blink: np.ndarray  # (n_train,)
     K: np.ndarray  # (3, 3)
     plate: np.ndarray  # (H, W, 3) uint8
+    torso_shift: np.ndarray | None = None  # (n_train, 2) pixels (tracking.torso); None: the torso never moves
 
 
 def _network_state(model: TalkingHead) -> dict[str, torch.Tensor]:
@@ -70,7 +71,8 @@ def save_bundle(bundle: Bundle, folder: Path) -> Path:
     bundle.model.head.save(folder / HEAD)
     bundle.model.torso.save(folder / TORSO)
     save_file(_network_state(bundle.model), str(folder / NETWORKS))
-    np.savez_compressed(folder / TRACKS, viewmats=bundle.viewmats, blink=bundle.blink, K=bundle.K)
+    shift = np.zeros((len(bundle.viewmats), 2), np.float32) if bundle.torso_shift is None else bundle.torso_shift
+    np.savez_compressed(folder / TRACKS, viewmats=bundle.viewmats, blink=bundle.blink, K=bundle.K, torso_shift=shift)
     cv2.imwrite(str(folder / PLATE), cv2.cvtColor(bundle.plate, cv2.COLOR_RGB2BGR))
     (folder / MANIFEST).write_text(bundle.manifest.model_dump_json(indent=2))
     return folder
@@ -107,7 +109,9 @@ def load_bundle(folder: Path) -> Bundle:
                          f"unexpected {unexpected[:3]})", "retrain the speaker with this version")
     model.eval()
     plate = cv2.cvtColor(cv2.imread(str(folder / PLATE)), cv2.COLOR_BGR2RGB)
-    return Bundle(manifest, model, tracks["viewmats"], tracks["blink"], tracks["K"], plate)
+    # bundles made before the torso was tracked have no shifts: their torso never moves
+    shift = tracks["torso_shift"] if "torso_shift" in tracks else None
+    return Bundle(manifest, model, tracks["viewmats"], tracks["blink"], tracks["K"], plate, shift)
 
 
 def fetch_bundle(store: ArtifactStore, bundle_run: StageManifest, cache_dir: Path) -> Bundle:

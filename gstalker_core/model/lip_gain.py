@@ -140,7 +140,8 @@ def calibrate(model: TalkingHead, train: SpeakerDataset, source: FrameSource, tr
             cond = source.conditions(model, batch, track=batch)
             for g in gains:
                 head, torso = model.frames(cond, codes=canonical, lip=LipMotion(reference, g))
-                rgb = render_avatar(head, torso, cond.viewmats, source.K, source.plate).rgb.clamp(0, 1)
+                rgb = render_avatar(head, torso, cond.viewmats, source.K, source.plate,
+                                    torso_shift=cond.torso_shift).rgb.clamp(0, 1)
                 images = (rgb * 255).round().byte().cpu().numpy()
                 rendered[g].values.extend(_opening(detector, image) for image in images)
     finally:

@@ -24,7 +24,7 @@ from .landmarks import weight_files
 from .track import LABELS, Progress, TrackManifest, track_clip
 
 STAGE = "track"
-CODE_VERSION = "2"  # 2: mouth_covered.npy
+CODE_VERSION = "3"  # 2: mouth_covered.npy; 3: torso_shift.npy
 
 
 def work(ingest_run: StageManifest, cfg: PipelineConfig) -> StageWork:

@@ -39,12 +39,14 @@ from .occlusion import covered_mouth, mouth_skin_contrast
 from .parsing import Parser
 from .plate import background_plate
 from .topology import FACEMESH
+from .torso import torso_shifts
 
 Progress = Callable[[int, Optional[int]], None]
 
 LABELS = "labels"
-VIEWMATS, INTRINSICS, LANDMARKS, BLINK, VALID, MOUTH_COVERED, TEMPLATE = (
-    "viewmats.npy", "K.npy", "landmarks.npy", "blink.npy", "valid.npy", "mouth_covered.npy", "template.npy")
+VIEWMATS, INTRINSICS, LANDMARKS, BLINK, VALID, MOUTH_COVERED, TEMPLATE, TORSO_SHIFT = (
+    "viewmats.npy", "K.npy", "landmarks.npy", "blink.npy", "valid.npy", "mouth_covered.npy", "template.npy",
+    "torso_shift.npy")
 PLATE, QA_VIDEO = "plate.png", "qa.mp4"
 SMOOTHING = "zero-lag one-euro: mean of forward and backward one-euro passes over rotation (deg) and translation (cm)"
 THUMB = 32  # side of the grey thumbnails used for black-frame and scene-cut detection
@@ -88,6 +90,7 @@ class TrackManifest(BaseModel):
     gaps: list[FrameRange]  # interpolated runs (valid=False inside)
     mouth_covered: list[FrameRange]  # mouth hidden (hand over it): landmarks there guessed, frames not trained on
     plate_inpainted_fraction: float
+    torso_shift_max_px: float = 0.0  # the largest tracked torso shift (``tracking.torso``), either axis
     warnings: list[str]
     train: FrameRange
     test: FrameRange
@@ -305,17 +308,20 @@ def track_clip(frames: Sequence[np.ndarray] | ChunkReader, cfg: TrackConfig, wor
             if progress:
                 progress(n + i + 1, 2 * n)
         label_writer.close()
+        labels = ChunkReader(label_writer.files, chunk_frames, n)
+        torso_shift = torso_shifts(frames, labels, float(np.percentile(landmarks[valid][:, topology.chin, 1], 99)))
 
     plate, inpainted = background_plate(det["plate_frames"], det["plate_masks"],
                                         round(cfg.plate_dilate_fraction * width))
     cv2.imwrite(str(workdir / PLATE), cv2.cvtColor(plate, cv2.COLOR_RGB2BGR))
     for name, array in ((VIEWMATS, views), (INTRINSICS, K.astype(np.float32)), (LANDMARKS, landmarks),
-                        (BLINK, blink), (VALID, valid), (MOUTH_COVERED, covered), (TEMPLATE, template)):
+                        (BLINK, blink), (VALID, valid), (MOUTH_COVERED, covered), (TEMPLATE, template),
+                        (TORSO_SHIFT, torso_shift)):
         np.save(workdir / name, array)
     if cfg.qa_video:
         from .qa import write_qa_video
 
-        write_qa_video(workdir / QA_VIDEO, frames, ChunkReader(label_writer.files, chunk_frames, n),
+        write_qa_video(workdir / QA_VIDEO, frames, labels,
                        landmarks, views, K, valid, topology, fps)
 
     train, test = split_ranges(n)
@@ -328,5 +334,6 @@ def track_clip(frames: Sequence[np.ndarray] | ChunkReader, cfg: TrackConfig, wor
         jitter_landmarks_px=pose.jitter(observed), smoothing=SMOOTHING, landmark_backend=det["backend"],
         landmark_topology=topology.name,
         blink_open_ear=open_ear, blink_closed_ear=closed_ear, blink_mean=float(blink.mean()),
+        torso_shift_max_px=float(np.abs(torso_shift).max()),
         n_valid=int(valid.sum()), gaps=gaps, mouth_covered=covered_ranges, plate_inpainted_fraction=inpainted,
         warnings=warnings, train=train, test=test)

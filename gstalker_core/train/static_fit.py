@@ -33,7 +33,7 @@ from ..storage.checkpoints import Checkpoints
 from ..tracking import SpeakerDataset
 
 STAGE = "static"
-CODE_VERSION = "2"  # 2: the torso layer continues the neck behind the chin
+CODE_VERSION = "3"  # 2: the torso layer continues the neck behind the chin; 3: drawn at its tracked shift
 HEAD, TORSO, HELDOUT = "head.safetensors", "torso.safetensors", "heldout.png"
 
 Progress = Callable[[int, Optional[int], dict], None]
@@ -68,7 +68,8 @@ def head_volume(template: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def torso_points(dataset: SpeakerDataset, K: np.ndarray, depth: float, n: int, seed: int
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` camera-space points (and their colours) on the torso layer's pixels of a few frames, at ``depth``."""
+    """``n`` camera-space points (and their colours) on the torso layer's pixels of a few frames, at
+    ``depth``, each frame's pixels moved back by its torso shift (the torso is fitted unshifted)."""
     rng = np.random.default_rng(seed)
     frames = [dataset.sample(int(i)) for i in np.linspace(dataset.indices[0], dataset.indices[-1], 4).astype(int)]
     pixels, colours = [], []
@@ -76,7 +77,7 @@ def torso_points(dataset: SpeakerDataset, K: np.ndarray, depth: float, n: int, s
         rgb = s.rgb.numpy() / 255.0
         _, _, torso_rgb, torso_alpha = tracking.compose_targets(rgb, s.labels.numpy(), rgb)
         ys, xs = np.nonzero(torso_alpha)
-        pixels.append(np.stack([xs, ys], 1))
+        pixels.append(np.stack([xs, ys], 1) - dataset.arrays.torso_shift[s.index])
         colours.append(torso_rgb[ys, xs])
     pixels, colours = np.concatenate(pixels), np.concatenate(colours)
     if len(pixels) == 0:
@@ -109,7 +110,7 @@ def step_loss(head: GaussianModel, torso: GaussianModel, source: FrameSource, sa
     """Render one training sample; its layers, targets and loss, on ``source``'s device."""
     target = source.targets([sample])
     layers = render_avatar(GaussianState.of(head), GaussianState.of(torso), source.viewmats[[sample.index]], source.K,
-                           source.plate, backend=cfg.backend)
+                           source.plate, backend=cfg.backend, torso_shift=source.torso_shift[[sample.index]])
     losses = layer_losses(layers, target, source.plate, cfg.ssim_weight)
     return layers, target, losses["composite"] + cfg.layer_loss_weight * (losses["head"] + losses["torso"])
 
@@ -125,7 +126,7 @@ def fit_static(train: SpeakerDataset, test: SpeakerDataset, plate: np.ndarray, t
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     a = train.arrays
-    source = FrameSource.build(a.viewmats, a.blink, a.K, plate, device)
+    source = FrameSource.build(a.viewmats, a.blink, a.K, plate, device, torso_shift=a.torso_shift)
     head_lo, head_hi = head_volume(template)
     head = GaussianModel.init_random(cfg.gaussians, cfg.n_head, head_lo, head_hi, seed=cfg.seed)
     depth = float(np.median(a.viewmats[:, 2, 3]))
@@ -176,7 +177,7 @@ def evaluate_static(head: GaussianModel, torso: GaussianModel, test: SpeakerData
     for k in picks:
         sample = test[int(k)]
         layers = render_avatar(GaussianState.of(head), GaussianState.of(torso), source.viewmats[[sample.index]],
-                               source.K, source.plate, backend=cfg.backend)
+                               source.K, source.plate, backend=cfg.backend, torso_shift=source.torso_shift[[sample.index]])
         rendered = layers.rgb[0].clamp(0, 1).cpu().numpy()
         truth = sample.rgb.numpy().astype(np.float32) / 255.0
         errors.append(float(np.mean((rendered - truth) ** 2)))

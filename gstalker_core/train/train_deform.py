@@ -46,7 +46,7 @@ from ..tracking.topology import Topology
 STAGE = "deform"
 CODE_VERSION = "6"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
 # 4: torso Gaussians frozen, learning-rate decay; 5: pitch-shifted audio for half of the frames;
-# 6: lip gain calibrated after training (model.lip_gain)
+# 6: lip gain calibrated after training (model.lip_gain), the torso drawn at its tracked shift
 
 Progress = Callable[[int, Optional[int], dict], None]
 
@@ -186,7 +186,7 @@ class PhotometricLoss:
         voices = source.draw_voices(np.random.default_rng([cfg.seed, step, 1]), len(frames))
         cond = source.conditions(self.model, frames, track=frames, voices=voices)
         head, torso = self.model.frames(cond)
-        layers = render_avatar(head, torso, cond.viewmats, source.K, source.plate)
+        layers = render_avatar(head, torso, cond.viewmats, source.K, source.plate, torso_shift=cond.torso_shift)
         target = source.targets([train.sample(i) for i in frames])
         losses = layer_losses(layers, target, source.plate, cfg.ssim_weight)
         loss = losses["composite"] + cfg.layer_loss_weight * (losses["head"] + losses["torso"])
@@ -236,7 +236,7 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
                             torch.from_numpy(viewmats))
         model.audio_encoder.set_feature_stats(features[: 2 * len(train.indices)])
         a = train.arrays
-        source = FrameSource.build(a.viewmats, a.blink, a.K, plate, device, features, augmented)
+        source = FrameSource.build(a.viewmats, a.blink, a.K, plate, device, features, augmented, a.torso_shift)
         report = train_deformation(model.to(device), train, source, cfg.train, checkpoints, progress)
         gain = (lip_gain.calibrate(model, train, source, cfg.track, cfg.train.lip_gain_frames, cfg.train.lip_gain_max,
                                    cfg.runtime.batch_frames) if cfg.train.lip_gain_frames else None)
@@ -245,7 +245,7 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
                                   step_window=cfg.audio.step_window, deform=cfg.deform.resolved(),
                                   n_train_frames=len(train.indices), sources=_inputs(track_run, audio_run, static_run),
                                   lip_gain=gain)
-        save_bundle(Bundle(manifest, model, viewmats, train.arrays.blink[train.indices], train.arrays.K, plate),
+        save_bundle(Bundle(manifest, model, viewmats, a.blink[train.indices], a.K, plate, a.torso_shift[train.indices]),
                     workdir)
         return {"bundle": manifest.model_dump(mode="json"), "training": report.model_dump(mode="json")}
 
