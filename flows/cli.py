@@ -283,7 +283,8 @@ def dub(audio: str = typer.Argument(..., help="audio file (wav/mp3/m4a/..., or a
     else:
         m = result.manifest
         out.print(f"rendered {m.n_frames} frames ({m.audio_duration_s:.2f} s of audio) at {m.resolution} px in "
-                  f"{time.perf_counter() - start:.1f} s ({m.n_frames / m.render_s:.1f} frames/s): {result.key}")
+                  f"{time.perf_counter() - start:.1f} s ({m.n_frames / m.render_s:.1f} frames/s), lip gain "
+                  f"{m.lip_gain:.2f}: {result.key}")
     if output:
         local = st.local_path(result.key)
         if local is not None:
