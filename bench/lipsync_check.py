@@ -63,6 +63,9 @@ def make_voices(work: Path, real: Path, extra: list[Path]) -> dict[str, Path]:
     german = DATA / "german_anchor_20s.mp4"
     if german.resolve() != real.resolve():
         voices["german_anchor sound"] = german
+    for tool in ("espeak-ng", "sox"):
+        if not shutil.which(tool):
+            print(f"{tool} is not installed: its two voices are left out (sudo apt-get install {tool})")
     if shutil.which("espeak-ng"):
         for lang, text in TEXTS.items():
             out = work / f"espeak-{lang}.wav"

@@ -23,9 +23,9 @@ from pydantic import BaseModel
 
 from . import media
 from .audio import SPEECH_MODEL, AudioFeatureSpec, Signal, check_spec, compute_features, spec_for
-from .model.avatar import GaussianState, render_avatar
+from .model.avatar import GaussianState
 from .model.bundle import Bundle
-from .data.conditions import FrameSource, to_device
+from .data.conditions import FrameSource
 from .config import AudioConfig, DubConfig, PipelineConfig
 from .errors import InputError
 from .dub_motion import pose_track_indices
@@ -172,9 +172,7 @@ def render_chunk(model: TalkingHead, source: FrameSource, frames: np.ndarray, po
                  codes: CanonicalCodes | None = None, lip: LipMotion | None = None) -> torch.Tensor:
     """(B, H, W, 3) frames in [0, 1] of ``dub_frames``, one rasteriser call per layer."""
     head, torso = dub_frames(model, source, frames, poses, codes, lip)
-    index = to_device(poses, source.device)
-    return render_avatar(head, torso, source.viewmats[index], source.K, source.plate,
-                         torso_shift=source.torso_shift[index]).rgb.clamp(0, 1)
+    return source.render(head, torso, poses).rgb.clamp(0, 1)
 
 
 class DubResult(BaseModel):

@@ -37,9 +37,9 @@ from pydantic import BaseModel, model_validator
 from . import audio, ingest, tracking
 from .metrics import lipsync
 from .train import static_fit
-from .model.avatar import GaussianState, render_avatar
+from .model.avatar import GaussianState
 from .model.bundle import fetch_bundle
-from .data.conditions import FrameSource, to_device
+from .data.conditions import FrameSource
 from .config import PipelineConfig, TrackConfig
 from .media import VideoWriter
 from .render.gaussians import GaussianModel
@@ -232,9 +232,7 @@ def render_methods(model: TalkingHead, static: tuple[GaussianState, GaussianStat
             cond = source.conditions(model, nearest if name == "nearest" else frames, poses=frames)
             head, torso = model.frames(cond, deform=name != "no_deformation", codes=codes,
                                        lip=lip if name in ("gstalker", "nearest") else None)
-        index = to_device(frames, source.device)
-        layers = render_avatar(head, torso, source.viewmats[index], source.K, source.plate,
-                               torso_shift=source.torso_shift[index])
+        layers = source.render(head, torso, frames)
         rendered[name] = MethodRender(layers.rgb.clamp(0, 1), layers.alpha)
     return rendered
 

@@ -114,3 +114,29 @@ def test_a_clip_without_reliable_landmarks_is_refused_with_the_fix():
                                                       torch.device("cpu"), np.zeros((2 * n, 12), np.float32)),
                       TrainConfig())
     assert "QA video" in err.value.fix
+
+
+def test_frequency_masks_hide_bands_of_the_frames_that_hear_a_shifted_voice_only():
+    rng = np.random.default_rng(2)
+    n, n_features = 40, 20
+    features = rng.normal(size=(2 * n, n_features)).astype(np.float32) + 3  # no band reads 0 by chance
+    views = _viewmats(n, rng).astype(np.float32)
+    source = FrameSource.build(views, np.zeros(n, np.float32), K.astype(np.float32), np.zeros((8, 8, 3), np.uint8),
+                               torch.device("cpu"), features, augmented=features[None] + 1)
+    voices = np.array([0, 1, 1, 0, 1, 1, 1, 1])
+    hidden = source.draw_hidden_bands(rng, voices, n_masks=2, share=0.2)
+    assert hidden.shape == (8, n_features) and not hidden[voices == 0].any() and hidden[voices > 0].any()
+    assert hidden.sum(axis=1).max() <= 2 * 4  # two runs of at most 20% of 20 bands
+    assert source.draw_hidden_bands(rng, voices, 0, 0.2) is None and source.draw_hidden_bands(rng, None, 2, 0.2) is None
+    deform = DeformConfig(hash_levels=4, hash_max_resolution=32, audio_channels=16, audio_code_dim=8, frame_window=4,
+                          face_mlp_width=32, torso_mlp_width=8)
+    template = rng.normal(scale=0.05, size=(478, 3)).astype(np.float32)
+    head = GaussianModel.init_points(GaussianConfig(), template, np.full((478, 3), 0.5))
+    model = TalkingHead(deform, head, head, n_features, 8, torch.from_numpy(views))
+    frames = np.arange(10, 18)
+    plain = source.conditions(model, frames, voices=voices).audio
+    model.audio_encoder.set_feature_stats(features)
+    masked = source.conditions(model, frames, voices=voices, hidden_bands=hidden).audio
+    where = torch.from_numpy(hidden)[:, None, None, :].expand_as(masked)
+    mean = model.audio_encoder.feature_mean.expand_as(masked)
+    assert torch.equal(masked[where], mean[where]) and torch.equal(masked[~where], plain[~where])

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gstalker_core import audio
+from gstalker_core.data.conditions import FrameSource
 from gstalker_core.model.bundle import fetch_bundle
 from gstalker_core.model.lip_gain import LipGain, gain_reaching, lip_spread, utterance_motion
 from gstalker_core.model.talking_head import LipMotion
@@ -92,4 +93,16 @@ def test_a_trained_bundle_carries_its_calibration_and_a_dub_says_its_gain(tiny_s
     fixed = dub.dub(bundle, wav, tmp_path / "fixed.mp4", cfg.dub.model_copy(update={"lip_gain": 1.6}))
     assert fixed.lip_gain == 1.6
     calibrated = dub.dub(bundle, wav, tmp_path / "calibrated.mp4", cfg.dub)
-    assert 1.0 <= calibrated.lip_gain <= calibration.max_gain
+    # the dub's gain is this utterance's: the speaker gain x the spread ratio of its own audio codes
+    features = dub.dub_audio(bundle, wav, cfg.dub, tmp_path).features
+    with torch.no_grad():
+        codes = bundle.model.audio_encoder.conditions(features, 0, len(features) // 2)
+    assert calibrated.lip_gain == pytest.approx(utterance_motion(bundle.model, codes, calibration).gain, rel=1e-5)
+    # and the gain reaches the frames: the same chunk at gains 1 and 1.6 differs
+    source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate, torch.device("cpu"), features,
+                               torso_shift=bundle.torso_shift)
+    frames = np.arange(4)
+    with torch.no_grad():
+        plain, amplified = (dub.render_chunk(bundle.model, source, frames, frames, lip=LipMotion(codes.mean(dim=0), g))
+                            for g in (1.0, 1.6))
+    assert (amplified - plain).abs().max() > 1e-3

@@ -24,8 +24,7 @@ from gstalker_core.train.train_deform import make_optimizer, set_learning_rates,
 def _conditions(model, features, frames, viewmat):
     n = len(frames)
     return FrameConditions(audio=model.audio_encoder.windows(features, frames), eye=torch.ones(n),
-                           viewmats=torch.as_tensor(viewmat).expand(n, 4, 4), track_frames=torch.zeros(n, dtype=torch.long),
-                           torso_shift=torch.zeros(n, 2))
+                           viewmats=torch.as_tensor(viewmat).expand(n, 4, 4), track_frames=torch.zeros(n, dtype=torch.long))
 
 
 def test_audio_drives_the_face_only_and_silence_keeps_it_still(tiny_speaker):
@@ -154,8 +153,7 @@ def test_a_pose_no_training_frame_stands_for_shows_the_static_torso(tiny_speaker
     view = torch.from_numpy(train.arrays.viewmats[[0, 5, 9]])
     cond = FrameConditions(audio=model.audio_encoder.windows(np.zeros((40, tiny_speaker.cfg.audio.n_features),
                                                                       np.float32), [0, 5, 9]),
-                           eye=torch.ones(3), viewmats=view, track_frames=torch.tensor([5, NO_FRAME, 9]),
-                           torso_shift=torch.zeros(3, 2))
+                           eye=torch.ones(3), viewmats=view, track_frames=torch.tensor([5, NO_FRAME, 9]))
     with torch.no_grad():
         _, torsos = model.frames(cond)
     assert torch.equal(torsos.means[1], model.torso.means) and torch.equal(torsos.quats[1], model.torso.quats)

@@ -9,7 +9,7 @@ the camera intrinsics, the background plate and, where there is audio, the audio
   and torso shift, with the static torso (``NO_FRAME``);
 - dubbing: the new audio's frames at the poses of the training frames the pose track
   extends over, with those frames' torso latents.
-``targets`` turns dataset samples into the layer targets of the photometric loss.
+``render`` draws deformed states at pose-track frames; ``targets`` turns dataset samples into the layer targets of the photometric loss.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..model.avatar import GaussianState, Layers, render_avatar
 from ..model.talking_head import NO_FRAME, FrameConditions, TalkingHead, eye_openness
 from ..tracking import compose_targets
 
@@ -39,7 +40,8 @@ class FrameSource:
     K: torch.Tensor  # (3, 3) float32
     plate: torch.Tensor  # (H, W, 3) float32 in [0, 1]
     plate_rgb: np.ndarray  # (H, W, 3) uint8, the same plate for the targets
-    torso_shift: torch.Tensor  # (T, 2) float32 pixels, where the torso layer is drawn (tracking.torso)
+    # (T, 2) float32 pixels, where the torso layer is drawn (tracking.torso); None: where it was fitted
+    torso_shift: torch.Tensor | None
     features: np.ndarray | None  # (steps, n_features) audio features, 2 steps per frame; None: no audio
     augmented: np.ndarray | None = None  # (V, steps, n_features) pitch-shifted versions of the training audio
 
@@ -47,12 +49,13 @@ class FrameSource:
     def build(cls, viewmats: np.ndarray, blink: np.ndarray, K: np.ndarray, plate: np.ndarray,
               device: torch.device, features: np.ndarray | None = None,
               augmented: np.ndarray | None = None, torso_shift: np.ndarray | None = None) -> "FrameSource":
-        """``torso_shift``: (T, 2) per pose-track frame; none: the torso never moves."""
-        shift = np.zeros((len(viewmats), 2), np.float32) if torso_shift is None else torso_shift
+        """``torso_shift``: (T, 2) per pose-track frame; none (or all zero): the torso never moves,
+        and its one image serves every frame."""
+        moves = torso_shift is not None and bool(np.any(torso_shift))
         return cls(viewmats=to_device(viewmats, device, torch.float32),
                    eye=to_device(eye_openness(blink), device, torch.float32), K=to_device(K, device, torch.float32),
                    plate=to_device(plate, device, torch.float32) / 255.0, plate_rgb=plate,
-                   torso_shift=to_device(shift, device, torch.float32), features=features, augmented=augmented)
+                   torso_shift=to_device(torso_shift, device, torch.float32) if moves else None, features=features, augmented=augmented)
 
     def draw_voices(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
         """For ``n`` training frames, which version of their audio to hear: 0 the original (half
@@ -61,13 +64,34 @@ class FrameSource:
             return None
         return np.where(rng.random(n) < AUGMENTED_SHARE, rng.integers(1, len(self.augmented) + 1, n), 0)
 
+    def draw_hidden_bands(self, rng: np.random.Generator, voices: np.ndarray | None, n_masks: int,
+                          share: float) -> np.ndarray | None:
+        """SpecAugment's frequency masking of the training frames that hear a pitch-shifted voice
+        (``voices`` of ``draw_voices``): (n, n_features) bool, True on the feature bands a frame's
+        audio window hides, ``n_masks`` runs of up to ``share`` of the bands at random places;
+        None when off. A hidden band reads the training audio's mean in that band (what the
+        encoder's standardisation maps to 0), so the lips learn to follow more than one voice's
+        spectral detail, while the frames that hear the
+        original audio keep all of it (masking every frame cost held-out mouth accuracy)."""
+        n_features = self.features.shape[1]
+        max_width = round(share * n_features)
+        if voices is None or n_masks == 0 or max_width == 0:
+            return None
+        widths = rng.integers(0, max_width + 1, (len(voices), n_masks))
+        starts = rng.integers(0, n_features - widths + 1)
+        bands = np.arange(n_features)
+        hidden = ((bands >= starts[..., None]) & (bands < (starts + widths)[..., None])).any(axis=1)
+        return hidden & (voices > 0)[:, None]
+
     @property
     def device(self) -> torch.device:
         return self.viewmats.device
 
-    def conditions(self, model: TalkingHead, audio_frames, poses=None, track=None, voices=None) -> FrameConditions:
+    def conditions(self, model: TalkingHead, audio_frames, poses=None, track=None, voices=None,
+                   hidden_bands=None) -> FrameConditions:
         """Conditions of B frames: the audio windows around ``audio_frames`` (in the versions
-        ``voices`` of ``draw_voices``, default the original), the pose and blink of pose-track
+        ``voices`` of ``draw_voices``, default the original; the bands ``hidden_bands`` of
+        ``draw_hidden_bands`` hidden, default none), the pose and blink of pose-track
         frames ``poses`` (default: ``audio_frames``), the torso latents of training frames
         ``track`` (default: none, the static torso)."""
         audio_frames = np.asarray(audio_frames, dtype=np.int64)
@@ -80,9 +104,19 @@ class FrameSource:
                              f"{n_latents} training frames",
                              "build the pose track from this model's training track (pose_track_indices)")
         index = to_device(poses, self.device)
-        return FrameConditions(audio=self._audio_windows(model, audio_frames, voices), eye=self.eye[index],
-                               viewmats=self.viewmats[index], track_frames=to_device(track, self.device),
-                               torso_shift=self.torso_shift[index])
+        audio = self._audio_windows(model, audio_frames, voices)
+        if hidden_bands is not None:
+            hidden = to_device(hidden_bands, audio.device)[:, None, None, :]
+            audio = torch.where(hidden, model.audio_encoder.feature_mean, audio)
+        return FrameConditions(audio=audio, eye=self.eye[index],
+                               viewmats=self.viewmats[index], track_frames=to_device(track, self.device))
+
+    def render(self, head: GaussianState, torso: GaussianState, poses, backend: str = "auto") -> Layers:
+        """``render_avatar`` of (deformed) states at pose-track frames ``poses``: their cameras,
+        and their torso shifts."""
+        index = to_device(np.asarray(poses, dtype=np.int64), self.device)
+        return render_avatar(head, torso, self.viewmats[index], self.K, self.plate, backend=backend,
+                             torso_shift=None if self.torso_shift is None else self.torso_shift[index])
 
     def _audio_windows(self, model: TalkingHead, audio_frames: np.ndarray, voices: np.ndarray | None) -> torch.Tensor:
         windows = model.audio_encoder.windows(self.features, audio_frames)

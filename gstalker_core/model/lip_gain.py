@@ -38,7 +38,6 @@ from ..data.dataset import SpeakerDataset
 from ..metrics import lipsync
 from ..tracking.landmarks import MediapipeFaceMesh
 from ..tracking.topology import FACEMESH
-from .avatar import render_avatar
 from .talking_head import LipMotion, TalkingHead
 
 TRIED_GAINS = (1.0, 1.5, 2.0, 2.5, 3.0)
@@ -121,18 +120,21 @@ def _opening(detector: MediapipeFaceMesh, image: np.ndarray) -> float:
 def calibrate(model: TalkingHead, train: SpeakerDataset, source: FrameSource, track_cfg: TrackConfig,
               n_frames: int, max_gain: float, batch_frames: int = 8) -> LipGain:
     """The speaker gain of ``model`` measured on ``n_frames`` training frames spread over the clip
-    (each with its own audio, pose, blink and torso latent), and the training audio's spread."""
+    (each with its own audio, pose, blink and torso latent; frames whose mouth is covered left
+    out), and the training audio's spread."""
     a = train.arrays
     points = lip_points(a.template, train.topology)
-    train_frames = np.sort(train.indices)
+    train_frames = train.indices  # ascending
     codes = model.audio_encoder.conditions(source.features, 0, int(train_frames[-1]) + 1)[
         torch.as_tensor(train_frames, device=source.device)]
     reference = codes.mean(dim=0)
-    picked = train_frames[np.linspace(0, len(train_frames) - 1, min(n_frames, len(train_frames))).round().astype(int)]
+    picked = train.drawn[np.linspace(0, len(train.drawn) - 1, min(n_frames, len(train.drawn))).round().astype(int)]
     gains = [g for g in TRIED_GAINS if g <= max_gain]
-    detector = MediapipeFaceMesh(track_cfg)
+    # FaceMesh in video mode carries each image's landmarks to the next: one detector per stream
+    # of images (the real frames, each gain's renders), as the evaluation keeps one per panel
+    detectors = {stream: MediapipeFaceMesh(track_cfg) for stream in ["real", *gains]}
     try:
-        real = _Openings([_opening(detector, train.sample(int(t)).rgb.numpy()) for t in picked])
+        real = _Openings([_opening(detectors["real"], train.sample(int(t)).rgb.numpy()) for t in picked])
         rendered = {g: _Openings([]) for g in gains}
         canonical = model.canonical_codes()
         for first in range(0, len(picked), batch_frames):
@@ -140,12 +142,12 @@ def calibrate(model: TalkingHead, train: SpeakerDataset, source: FrameSource, tr
             cond = source.conditions(model, batch, track=batch)
             for g in gains:
                 head, torso = model.frames(cond, codes=canonical, lip=LipMotion(reference, g))
-                rgb = render_avatar(head, torso, cond.viewmats, source.K, source.plate,
-                                    torso_shift=cond.torso_shift).rgb.clamp(0, 1)
+                rgb = source.render(head, torso, batch).rgb.clamp(0, 1)
                 images = (rgb * 255).round().byte().cpu().numpy()
-                rendered[g].values.extend(_opening(detector, image) for image in images)
+                rendered[g].values.extend(_opening(detectors[g], image) for image in images)
     finally:
-        detector.close()
+        for detector in detectors.values():
+            detector.close()
     real_spread = real.spread()
     spreads = {g: o.spread() for g, o in rendered.items()}
     common = dict(reference_spread=lip_spread(model, codes, points), lip_points=points.tolist(), max_gain=max_gain,

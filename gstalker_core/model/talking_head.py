@@ -31,7 +31,6 @@ class FrameConditions:
     eye: torch.Tensor  # (B,) eye openness, 1 = open
     viewmats: torch.Tensor  # (B, 4, 4) head-to-camera
     track_frames: torch.Tensor  # (B,) long: training-frame index whose torso latent to use, or NO_FRAME
-    torso_shift: torch.Tensor  # (B, 2) pixels: the torso layer's tracked shift (tracking.torso)
 
 
 # ``track_frames`` value of a pose that no training frame stands for (the held-out frames):

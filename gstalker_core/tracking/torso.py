@@ -14,8 +14,8 @@ torso's label grown by a few pixels (so the shoulders' edge against the backgrou
 minus the grown head and neck, whose motion is the head's. The reference is the median of
 ``REFERENCE_FRAMES`` frames spread over the clip, each first aligned to the first frame: no
 single frame's pose sets the gauge. Shifts are relative to their median over the clip: the
-torso is fitted where it usually is. Frames whose torso is too small to measure (a face-only
-crop) get no shift.
+torso is fitted where it usually is. A clip whose first frame shows too little torso to
+measure (a face-only crop) gets no shift at all.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+
+from .parsing import HEAD, NECK, TORSO
 
 SEARCH = 0.0625  # search range, x width (16 px at 256)
 GROW = 0.035  # mask growth, x width (9 px at 256)
@@ -38,8 +40,8 @@ def _grey(frame: np.ndarray) -> np.ndarray:
 
 def _mask(labels: np.ndarray, grow: int) -> np.ndarray:
     kernel = np.ones((grow, grow), np.uint8)
-    torso = cv2.dilate((labels == 3).astype(np.uint8), kernel)
-    head_and_neck = cv2.dilate(((labels == 1) | (labels == 2)).astype(np.uint8), kernel)
+    torso = cv2.dilate((labels == TORSO).astype(np.uint8), kernel)
+    head_and_neck = cv2.dilate(((labels == HEAD) | (labels == NECK)).astype(np.uint8), kernel)
     return (torso & (1 - head_and_neck)).astype(np.float32)
 
 

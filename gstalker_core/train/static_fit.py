@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel
 
 from .. import tracking
-from ..model.avatar import GaussianState, Layers, render_avatar
+from ..model.avatar import GaussianState, Layers
 from ..data.conditions import FrameSource
 from ..config import PipelineConfig, StaticFitConfig
 from ..metrics import photometric_loss, psnr
@@ -109,8 +109,7 @@ def step_loss(head: GaussianModel, torso: GaussianModel, source: FrameSource, sa
               ) -> tuple[Layers, dict[str, torch.Tensor], torch.Tensor]:
     """Render one training sample; its layers, targets and loss, on ``source``'s device."""
     target = source.targets([sample])
-    layers = render_avatar(GaussianState.of(head), GaussianState.of(torso), source.viewmats[[sample.index]], source.K,
-                           source.plate, backend=cfg.backend, torso_shift=source.torso_shift[[sample.index]])
+    layers = source.render(GaussianState.of(head), GaussianState.of(torso), [sample.index], backend=cfg.backend)
     losses = layer_losses(layers, target, source.plate, cfg.ssim_weight)
     return layers, target, losses["composite"] + cfg.layer_loss_weight * (losses["head"] + losses["torso"])
 
@@ -176,8 +175,7 @@ def evaluate_static(head: GaussianModel, torso: GaussianModel, test: SpeakerData
     errors, strip = [], None
     for k in picks:
         sample = test[int(k)]
-        layers = render_avatar(GaussianState.of(head), GaussianState.of(torso), source.viewmats[[sample.index]],
-                               source.K, source.plate, backend=cfg.backend, torso_shift=source.torso_shift[[sample.index]])
+        layers = source.render(GaussianState.of(head), GaussianState.of(torso), [sample.index], backend=cfg.backend)
         rendered = layers.rgb[0].clamp(0, 1).cpu().numpy()
         truth = sample.rgb.numpy().astype(np.float32) / 255.0
         errors.append(float(np.mean((rendered - truth) ** 2)))

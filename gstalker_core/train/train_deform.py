@@ -27,7 +27,6 @@ from pydantic import BaseModel
 
 from .. import __version__, audio, tracking
 from ..model import lip_gain
-from ..model.avatar import render_avatar
 from ..model.bundle import FORMAT_VERSION, Bundle, BundleManifest, save_bundle
 from ..data.conditions import FrameSource, to_device
 from ..config import PipelineConfig, TrainConfig
@@ -44,9 +43,11 @@ from ..tracking import SpeakerDataset
 from ..tracking.topology import Topology
 
 STAGE = "deform"
-CODE_VERSION = "6"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
+CODE_VERSION = "7"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
 # 4: torso Gaussians frozen, learning-rate decay; 5: pitch-shifted audio for half of the frames;
 # 6: lip gain calibrated after training (model.lip_gain), the torso drawn at its tracked shift
+# 7: the calibration's FaceMesh tracks each stream of images apart, covered mouths left out;
+# frequency masks on the frames that hear a shifted voice
 
 Progress = Callable[[int, Optional[int], dict], None]
 
@@ -121,7 +122,10 @@ class LandmarkGuide:
     def loss(self, step: int) -> torch.Tensor:
         rng = np.random.default_rng([self.cfg.seed, step])
         frames = rng.choice(self.frames, size=self.cfg.guide_batch)
-        cond = self.source.conditions(self.model, frames, voices=self.source.draw_voices(rng, len(frames)))
+        voices = self.source.draw_voices(rng, len(frames))
+        cond = self.source.conditions(self.model, frames, voices=voices,
+                                      hidden_bands=self.source.draw_hidden_bands(rng, voices, self.cfg.band_masks,
+                                                                                 self.cfg.band_mask_share))
         field = self.model.face_field
         deltas = field(field.encode(self.points), self.model.audio_encoder(cond.audio), cond.eye)
         return guide_loss(deltas.d_means, self.offsets[to_device(frames, self.source.device)], self.scale)
@@ -183,10 +187,12 @@ class PhotometricLoss:
         """(loss, mean squared error of the rendered composite), on the model's device."""
         cfg, train, source = self.cfg, self.train, self.source
         frames = [train.index_at(step * cfg.frames_per_step + k) for k in range(cfg.frames_per_step)]
-        voices = source.draw_voices(np.random.default_rng([cfg.seed, step, 1]), len(frames))
-        cond = source.conditions(self.model, frames, track=frames, voices=voices)
+        rng = np.random.default_rng([cfg.seed, step, 1])
+        voices = source.draw_voices(rng, len(frames))
+        cond = source.conditions(self.model, frames, track=frames, voices=voices,
+                                 hidden_bands=source.draw_hidden_bands(rng, voices, cfg.band_masks, cfg.band_mask_share))
         head, torso = self.model.frames(cond)
-        layers = render_avatar(head, torso, cond.viewmats, source.K, source.plate, torso_shift=cond.torso_shift)
+        layers = source.render(head, torso, frames)
         target = source.targets([train.sample(i) for i in frames])
         losses = layer_losses(layers, target, source.plate, cfg.ssim_weight)
         loss = losses["composite"] + cfg.layer_loss_weight * (losses["head"] + losses["torso"])
