@@ -69,9 +69,9 @@ class FrameSource:
         """SpecAugment's frequency masking of the training frames that hear a pitch-shifted voice
         (``voices`` of ``draw_voices``): (n, n_features) bool, True on the feature bands a frame's
         audio window hides, ``n_masks`` runs of up to ``share`` of the bands at random places;
-        None when off. A hidden band reads the training audio's mean in that band (what the
-        encoder's standardisation maps to 0), so the lips learn to follow more than one voice's
-        spectral detail, while the frames that hear the
+        None when off. A hidden band reads 0, which in utterance-normalised log-mel (the default)
+        is the band's mean over the utterance's speech, so the lips learn to follow more than one
+        voice's spectral detail, while the frames that hear the
         original audio keep all of it (masking every frame cost held-out mouth accuracy)."""
         n_features = self.features.shape[1]
         max_width = round(share * n_features)
@@ -106,8 +106,7 @@ class FrameSource:
         index = to_device(poses, self.device)
         audio = self._audio_windows(model, audio_frames, voices)
         if hidden_bands is not None:
-            hidden = to_device(hidden_bands, audio.device)[:, None, None, :]
-            audio = torch.where(hidden, model.audio_encoder.feature_mean, audio)
+            audio = audio.masked_fill(to_device(hidden_bands, audio.device)[:, None, None, :], 0.0)
         return FrameConditions(audio=audio, eye=self.eye[index],
                                viewmats=self.viewmats[index], track_frames=to_device(track, self.device))
 

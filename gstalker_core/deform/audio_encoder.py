@@ -124,11 +124,6 @@ class AudioEncoder(nn.Module):
         self.frame_encoder = AudioFrameEncoder(n_features, step_window, cfg.audio_channels, cfg.audio_code_dim)
         self.smoother = TemporalSmoother(cfg.audio_code_dim, cfg.frame_window)
 
-    @property
-    def feature_mean(self) -> torch.Tensor:
-        """(n_features,) the training features' mean, which standardisation maps to 0."""
-        return self.frame_encoder.feature_mean
-
     def set_feature_stats(self, features) -> None:
         """Standardise inputs with the (steps, n_features) training features' mean and std."""
         f = self._as_tensor(features)
