@@ -15,9 +15,9 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from gstalker_core.errors import ConfigError, InputError
-from gstalker_core.tracking import (HEAD, NECK, TORSO, FrameRange, SpeakerDataset, TrackArrays, TrackConfig,
+from gstalker_core.tracking import (BACKGROUND, HEAD, NECK, TORSO, FrameRange, SpeakerDataset, TrackArrays, TrackConfig,
                                     compose_targets, track_clip)
-from gstalker_core.tracking.parsing import BEHIND_HEAD_BAND, behind_head
+from gstalker_core.tracking.parsing import BEHIND_HEAD_BAND, behind_head, silhouette_ring
 from gstalker_core.tracking import pose
 from gstalker_core.tracking.landmarks import make_backend
 from gstalker_core.tracking.plate import background_plate
@@ -295,15 +295,38 @@ def test_compose_targets_recomposes_the_frame():
     frame = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     plate = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     labels = rng.integers(0, 4, (16, 16)).astype(np.uint8)
+    labels[:5] = BACKGROUND  # a band of background, beyond the ring (rows 0-3)
     head_rgb, head_a, torso_rgb, torso_a = compose_targets(frame, labels, plate)
     torso_over_plate = torso_a[..., None] * torso_rgb + (1 - torso_a[..., None]) * plate / 255.0
     full = head_a[..., None] * head_rgb + (1 - head_a[..., None]) * torso_over_plate
-    expected = np.where(labels[..., None] > 0, frame, plate) / 255.0
+    head_ring, body_ring = silhouette_ring(labels)
+    owned = (labels > 0) | head_ring | body_ring
+    expected = np.where(owned[..., None], frame, plate) / 255.0
     assert np.allclose(full, expected, atol=1e-6)
-    assert np.all(head_a[labels != HEAD] == 0)
+    assert np.all(head_a == ((labels == HEAD) | head_ring))
+    assert not owned[:4].any() and owned[4].any()
     hidden_neck, _ = behind_head(labels, frame / 255.0)
     under_head = (labels == HEAD) & ~hidden_neck
     assert np.allclose(torso_rgb[under_head], plate[under_head] / 255.0)  # the torso never sees the head
+
+
+def test_layers_own_the_silhouette_ring():
+    """The background pixels touching the person belong to the layer they touch (the head's
+    first), opaque with the frame's colour; pixels two away stay the plate's."""
+    labels = np.zeros((20, 20), np.uint8)
+    labels[4:10, 6:14] = HEAD
+    labels[10:20, 8:12] = NECK
+    frame = np.full((20, 20, 3), 90, np.uint8)
+    plate = np.zeros((20, 20, 3), np.uint8)
+    head_rgb, head_a, torso_rgb, torso_a = compose_targets(frame, labels, plate)
+    head_ring, body_ring = silhouette_ring(labels)
+    assert head_ring[3, 5] and head_ring[10, 7] and not head_ring[2, 6]  # diagonal in, two rows up out
+    assert body_ring[12, 7] and body_ring[19, 12] and not body_ring[10, 7]  # beside the head: the head's
+    assert not (head_ring & body_ring).any() and not ((head_ring | body_ring) & (labels > 0)).any()
+    assert np.all(head_a[head_ring] == 1) and np.all(torso_a[body_ring] == 1)
+    assert np.allclose(head_rgb[head_ring], 90 / 255) and np.allclose(torso_rgb[body_ring], 90 / 255)
+    beyond = ~(head_ring | body_ring) & (labels == BACKGROUND)
+    assert np.all(head_a[beyond] == 0) and np.all(torso_a[beyond] == 0)
 
 
 def test_torso_target_continues_the_neck_behind_the_chin():

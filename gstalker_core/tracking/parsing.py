@@ -11,6 +11,7 @@ Geometry, in a head-aligned 2D frame (origin at the chin, ``up`` = chin -> foreh
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from .topology import Topology
@@ -87,12 +88,28 @@ def behind_head(labels: np.ndarray, img: np.ndarray, band: float = BEHIND_HEAD_B
     return mask, np.broadcast_to(colour, img.shape)
 
 
+def silhouette_ring(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The background pixels that touch the person (8-neighbourhood), split by what they touch:
+    those beside the head, and the others (beside the neck or torso). In the video a pixel on the
+    silhouette mixes the person with the plate, so the labels' edge falls inside that mix; the
+    layers own this ring (alpha 1, the frame's colour there) so that a render is opaque right up
+    to the person's edge, and a pose that moves the silhouette by under a pixel shows no plate
+    through it. Returns two boolean (H, W) masks."""
+    kernel = np.ones((3, 3), np.uint8)
+    background = labels == BACKGROUND
+    head_ring = background & (cv2.dilate((labels == HEAD).astype(np.uint8), kernel) > 0)
+    body = ((labels == NECK) | (labels == TORSO)).astype(np.uint8)
+    body_ring = background & ~head_ring & (cv2.dilate(body, kernel) > 0)
+    return head_ring, body_ring
+
+
 def compose_targets(frame: np.ndarray, labels: np.ndarray, plate: np.ndarray
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Ground truth for the head-only and torso-only renders, built on the fly in training.
 
     head_rgb: the frame's head pixels over the plate; head_alpha: 1 on head pixels.
     torso_rgb: the frame's neck + torso pixels over the plate; torso_alpha: 1 on neck + torso.
+    Each layer also owns the silhouette ring beside its pixels (``silhouette_ring``).
     Behind the lower head (``behind_head``) the torso target continues the neck upward, so
     that the body has something behind the chin when the head moves; elsewhere under the head
     it is the plate (the torso render must not learn the head).
@@ -102,9 +119,10 @@ def compose_targets(frame: np.ndarray, labels: np.ndarray, plate: np.ndarray
     scale = 255.0 if frame.dtype == np.uint8 else 1.0
     img = frame.astype(np.float32) / scale
     bg = plate.astype(np.float32) / (255.0 if plate.dtype == np.uint8 else 1.0)
-    head_alpha = (labels == HEAD).astype(np.float32)
+    head_ring, body_ring = silhouette_ring(labels)
+    head_alpha = ((labels == HEAD) | head_ring).astype(np.float32)
     hidden_neck, neck_colour = behind_head(labels, img)
-    torso_alpha = ((labels == NECK) | (labels == TORSO) | hidden_neck).astype(np.float32)
+    torso_alpha = ((labels == NECK) | (labels == TORSO) | body_ring | hidden_neck).astype(np.float32)
     head_rgb = np.where(head_alpha[..., None] > 0, img, bg)
     torso_rgb = np.where(hidden_neck[..., None], neck_colour, np.where(torso_alpha[..., None] > 0, img, bg))
-    return head_rgb, head_alpha, torso_rgb, torso_alpha.astype(np.float32)
+    return head_rgb, head_alpha, torso_rgb, torso_alpha

@@ -33,7 +33,8 @@ from ..storage.checkpoints import Checkpoints
 from ..tracking import SpeakerDataset
 
 STAGE = "static"
-CODE_VERSION = "3"  # 2: the torso layer continues the neck behind the chin; 3: drawn at its tracked shift
+CODE_VERSION = "4"  # 2: the torso layer continues the neck behind the chin; 3: drawn at its tracked shift;
+# 4: the layers own the silhouette ring
 HEAD, TORSO, HELDOUT = "head.safetensors", "torso.safetensors", "heldout.png"
 
 Progress = Callable[[int, Optional[int], dict], None]
