@@ -245,10 +245,10 @@ class TrainConfig(Section):
     ssim_weight: float = Field(default=0.2, ge=0, le=1, description="D-SSIM weight in the photometric loss")
     latent_smoothness_weight: float = Field(default=1.0, ge=0)
     checkpoint_every: int = Field(default=500, ge=1)
-    band_masks: int = Field(default=2, ge=0, description="frequency masks (SpecAugment) per audio window of the "
-                            "training frames that hear a pitch-shifted voice (audio.augment_semitones): runs of "
-                            "feature bands hidden, so that the lips follow more than the training voice's spectral "
-                            "detail; 0: off")
+    band_masks: int = Field(default=2, ge=0, description="frequency masks (SpecAugment) per audio window of every "
+                            "landmark step's frame, and of the rendering steps' frames that hear a pitch-shifted "
+                            "voice (audio.augment_semitones): runs of feature bands hidden, so that the lips follow "
+                            "more than the training voice's spectral detail; 0: off")
     band_mask_share: float = Field(default=0.15, ge=0, le=0.5, description="widest mask, as a share of the bands")
     lip_gain_frames: int = Field(default=200, ge=0,
                                  description="training frames rendered to calibrate the lip gain (model.lip_gain) "

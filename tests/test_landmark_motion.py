@@ -50,9 +50,10 @@ def test_offsets_recover_known_motion_across_the_view_under_any_pose():
     np.testing.assert_allclose(still, 0.0, atol=1e-9)  # a rigidly moving head has no offsets
 
 
-def test_guide_teaches_an_audio_driven_mouth_that_generalises():
-    """Loudness drops the jaw in a synthetic clip; trained on its first 80% only, the field
-    predicts the jaw's motion in the last 20% from their audio alone."""
+def test_guide_teaches_an_audio_driven_mouth_that_generalises(monkeypatch):
+    """Loudness drops the jaw in a synthetic clip; trained on its first 80% only (every step's
+    frames with frequency masks), the field predicts the jaw's motion in the last 20% from
+    their audio alone."""
     rng = np.random.default_rng(1)
     n, n_features = 400, 12
     syllables = np.repeat(rng.uniform(size=n // 4) < 0.5, 8).astype(float)  # 160 ms on or off
@@ -80,6 +81,10 @@ def test_guide_teaches_an_audio_driven_mouth_that_generalises():
     source = FrameSource.build(views, arrays.blink, arrays.K, np.zeros((8, 8, 3), np.uint8), torch.device("cpu"),
                                features)
     guide = LandmarkGuide(model, train, source, TrainConfig(guide_batch=16))
+    masked_frames = []
+    draw = source.draw_hidden_bands
+    monkeypatch.setattr(source, "draw_hidden_bands",
+                        lambda rng, masked, *args: masked_frames.append(masked) or draw(rng, masked, *args))
     optimizer = torch.optim.Adam([*model.audio_encoder.parameters(), *model.face_field.parameters()], lr=2e-3)
     first = guide.loss(0).item()
     for step in range(150):
@@ -87,6 +92,7 @@ def test_guide_teaches_an_audio_driven_mouth_that_generalises():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    assert all(m is not None and m.all() for m in masked_frames)  # even with no shifted voices
     assert 0.6 < first < 1.4  # zero-initialised field predicts no motion: relative loss ~1 (one batch)
     assert loss.item() < 0.5
     with torch.no_grad():
@@ -116,7 +122,7 @@ def test_a_clip_without_reliable_landmarks_is_refused_with_the_fix():
     assert "QA video" in err.value.fix
 
 
-def test_frequency_masks_hide_bands_of_the_frames_that_hear_a_shifted_voice_only():
+def test_frequency_masks_hide_bands_of_the_chosen_frames_only():
     rng = np.random.default_rng(2)
     n, n_features = 40, 20
     features = rng.normal(size=(2 * n, n_features)).astype(np.float32) + 3  # no band reads 0 by chance
@@ -124,10 +130,11 @@ def test_frequency_masks_hide_bands_of_the_frames_that_hear_a_shifted_voice_only
     source = FrameSource.build(views, np.zeros(n, np.float32), K.astype(np.float32), np.zeros((8, 8, 3), np.uint8),
                                torch.device("cpu"), features, augmented=features[None] + 1)
     voices = np.array([0, 1, 1, 0, 1, 1, 1, 1])
-    hidden = source.draw_hidden_bands(rng, voices, n_masks=2, share=0.2)
+    hidden = source.draw_hidden_bands(rng, voices > 0, n_masks=2, share=0.2)
     assert hidden.shape == (8, n_features) and not hidden[voices == 0].any() and hidden[voices > 0].any()
     assert hidden.sum(axis=1).max() <= 2 * 4  # two runs of at most 20% of 20 bands
-    assert source.draw_hidden_bands(rng, voices, 0, 0.2) is None and source.draw_hidden_bands(rng, None, 2, 0.2) is None
+    assert source.draw_hidden_bands(rng, voices > 0, 0, 0.2) is None
+    assert source.draw_hidden_bands(rng, None, 2, 0.2) is None
     deform = DeformConfig(hash_levels=4, hash_max_resolution=32, audio_channels=16, audio_code_dim=8, frame_window=4,
                           face_mlp_width=32, torso_mlp_width=8)
     template = rng.normal(scale=0.05, size=(478, 3)).astype(np.float32)

@@ -64,24 +64,24 @@ class FrameSource:
             return None
         return np.where(rng.random(n) < AUGMENTED_SHARE, rng.integers(1, len(self.augmented) + 1, n), 0)
 
-    def draw_hidden_bands(self, rng: np.random.Generator, voices: np.ndarray | None, n_masks: int,
+    def draw_hidden_bands(self, rng: np.random.Generator, masked: np.ndarray | None, n_masks: int,
                           share: float) -> np.ndarray | None:
-        """SpecAugment's frequency masking of the training frames that hear a pitch-shifted voice
-        (``voices`` of ``draw_voices``): (n, n_features) bool, True on the feature bands a frame's
-        audio window hides, ``n_masks`` runs of up to ``share`` of the bands at random places;
-        None when off. A hidden band reads 0, which in utterance-normalised log-mel (the default)
-        is the band's mean over the utterance's speech, so the lips learn to follow more than one
-        voice's spectral detail, while the frames that hear the
-        original audio keep all of it (masking every frame cost held-out mouth accuracy)."""
+        """SpecAugment's frequency masking of the frames where ``masked`` (n,) is True:
+        (n, n_features) bool, True on the feature bands a frame's audio window hides,
+        ``n_masks`` runs of up to ``share`` of the bands at random places; None when off (or
+        ``masked`` None). A hidden band reads 0, which in utterance-normalised log-mel (the
+        default) is the band's mean over the utterance's speech, so the lips learn to follow
+        more than one voice's spectral detail. Which frames are masked is the training steps'
+        choice (``train_deform``)."""
         n_features = self.features.shape[1]
         max_width = round(share * n_features)
-        if voices is None or n_masks == 0 or max_width == 0:
+        if masked is None or n_masks == 0 or max_width == 0:
             return None
-        widths = rng.integers(0, max_width + 1, (len(voices), n_masks))
+        widths = rng.integers(0, max_width + 1, (len(masked), n_masks))
         starts = rng.integers(0, n_features - widths + 1)
         bands = np.arange(n_features)
         hidden = ((bands >= starts[..., None]) & (bands < (starts + widths)[..., None])).any(axis=1)
-        return hidden & (voices > 0)[:, None]
+        return hidden & np.asarray(masked, bool)[:, None]
 
     @property
     def device(self) -> torch.device:

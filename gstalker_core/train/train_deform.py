@@ -43,11 +43,11 @@ from ..tracking import SpeakerDataset
 from ..tracking.topology import Topology
 
 STAGE = "deform"
-CODE_VERSION = "7"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
+CODE_VERSION = "8"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
 # 4: torso Gaussians frozen, learning-rate decay; 5: pitch-shifted audio for half of the frames;
 # 6: lip gain calibrated after training (model.lip_gain), the torso drawn at its tracked shift
 # 7: the calibration's FaceMesh tracks each stream of images apart, covered mouths left out;
-# frequency masks on the frames that hear a shifted voice
+# frequency masks on the frames that hear a shifted voice; 8: and on every landmark step's frame
 
 Progress = Callable[[int, Optional[int], dict], None]
 
@@ -123,8 +123,11 @@ class LandmarkGuide:
         rng = np.random.default_rng([self.cfg.seed, step])
         frames = rng.choice(self.frames, size=self.cfg.guide_batch)
         voices = self.source.draw_voices(rng, len(frames))
+        # every landmark step's frame loses bands: this is where the lips learn from the audio
+        # alone, and masks here lifted new voices' lip sync and held-out mouth accuracy alike
+        every_frame = np.ones(len(frames), bool)
         cond = self.source.conditions(self.model, frames, voices=voices,
-                                      hidden_bands=self.source.draw_hidden_bands(rng, voices, self.cfg.band_masks,
+                                      hidden_bands=self.source.draw_hidden_bands(rng, every_frame, self.cfg.band_masks,
                                                                                  self.cfg.band_mask_share))
         field = self.model.face_field
         deltas = field(field.encode(self.points), self.model.audio_encoder(cond.audio), cond.eye)
@@ -189,8 +192,11 @@ class PhotometricLoss:
         frames = [train.index_at(step * cfg.frames_per_step + k) for k in range(cfg.frames_per_step)]
         rng = np.random.default_rng([cfg.seed, step, 1])
         voices = source.draw_voices(rng, len(frames))
+        # in the rendering steps only the frames that hear a shifted voice lose bands: masking
+        # the original audio there too cost held-out mouth accuracy
+        shifted = None if voices is None else voices > 0
         cond = source.conditions(self.model, frames, track=frames, voices=voices,
-                                 hidden_bands=source.draw_hidden_bands(rng, voices, cfg.band_masks, cfg.band_mask_share))
+                                 hidden_bands=source.draw_hidden_bands(rng, shifted, cfg.band_masks, cfg.band_mask_share))
         head, torso = self.model.frames(cond)
         layers = source.render(head, torso, frames)
         target = source.targets([train.sample(i) for i in frames])
