@@ -129,9 +129,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each dub")
     parser.add_argument("--profile", default="preview")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gstalker-lipsync"), help="voices and dubs go here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a configuration override, as gstalker dub --set takes (e.g. dub.lip_gain=1.5)")
     args = parser.parse_args()
 
-    cfg = load_config(args.profile)
+    cfg = load_config(args.profile, None, args.set)
     bundle = load_speaker(open_store(cfg), args.speaker, cfg.cache_dir)
     size = bundle.manifest.resolution
     voices = make_voices(args.work / "voices", args.real, args.voice)

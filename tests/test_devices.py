@@ -11,6 +11,7 @@ staying out of every content key.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import threading
 import time
@@ -89,6 +90,25 @@ def test_a_deformation_training_step_stays_on_the_model_device(on_meta):
     optimizer.step()
     _all_on_meta(loss, mse, guide, *(p for p in model.parameters()))
     assert model.face_field.mlp.head.weight.grad is not None and model.head.means.grad is not None
+
+
+def test_a_rendering_step_masks_the_frames_that_hear_a_shifted_voice_only(on_meta, monkeypatch):
+    """Frequency masks in the rendering steps fall on the pitch-shifted frames (masking the
+    original audio there cost held-out mouth accuracy); the landmark steps mask every frame."""
+    sp, model, train, source = on_meta
+    source = dataclasses.replace(source, augmented=source.features[None] + 1)
+    voices, masked = [], []
+    draw_voices, draw_bands = source.draw_voices, source.draw_hidden_bands
+    monkeypatch.setattr(source, "draw_voices", lambda rng, n: voices.append(draw_voices(rng, n)) or voices[-1])
+    monkeypatch.setattr(source, "draw_hidden_bands",
+                        lambda rng, frames, *args: masked.append(frames) or draw_bands(rng, frames, *args))
+    cfg = sp.cfg.train.model_copy(update={"frames_per_step": 8, "lip_start": 10 ** 6})
+    for step in range(3):
+        train_deform.PhotometricLoss(model, train, source, cfg).loss(step=step)
+    assert len(masked) == 3 and all(np.array_equal(m, v > 0) for m, v in zip(masked, voices))
+    assert any(v.any() and not v.all() for v in voices)  # both kinds of frame were drawn
+    train_deform.LandmarkGuide(model, train, source, cfg).loss(step=0)
+    assert masked[-1].all() and not voices[-1].all()
 
 
 def test_a_static_fit_step_stays_on_the_device(on_meta):

@@ -73,9 +73,11 @@ class FrameSource:
         default) is the band's mean over the utterance's speech, so the lips learn to follow
         more than one voice's spectral detail. Which frames are masked is the training steps'
         choice (``train_deform``)."""
+        if masked is None or n_masks == 0:
+            return None
         n_features = self.features.shape[1]
         max_width = round(share * n_features)
-        if masked is None or n_masks == 0 or max_width == 0:
+        if max_width == 0:
             return None
         widths = rng.integers(0, max_width + 1, (len(masked), n_masks))
         starts = rng.integers(0, n_features - widths + 1)

@@ -85,7 +85,8 @@ def silhouette_interior(person: torch.Tensor) -> torch.Tensor:
     """The person mask (..., H, W) bool less its one-pixel silhouette ring: the pixels whose
     eight neighbours are person too (outside the frame counts as person: a body cut by the
     frame's edge has no silhouette there). A ring pixel mixes person and background in the
-    video itself, so an anti-aliased render is rightly partly transparent there; holes
-    (background between chin and collar) lie inside."""
+    video itself, and the labels' edge falls inside that mix; the coverage inside the ring
+    counts holes only (background between chin and collar lies inside), apart from how the
+    render draws the person's edge."""
     background = (~person.bool()).float().reshape(-1, 1, *person.shape[-2:])
     return (F.max_pool2d(background, 3, stride=1, padding=1) == 0).reshape(person.shape)

@@ -74,7 +74,7 @@ def torso_points(dataset: SpeakerDataset, K: np.ndarray, depth: float, n: int, s
     rng = np.random.default_rng(seed)
     frames = [dataset.sample(int(i)) for i in np.linspace(dataset.indices[0], dataset.indices[-1], 4).astype(int)]
     pixels, colours = [], []
-    for s in frames:  # the torso layer's target pixels: neck, torso and the neck behind the chin
+    for s in frames:  # the torso layer's target pixels: neck, torso, their silhouette ring and the neck behind the chin
         rgb = s.rgb.numpy() / 255.0
         _, _, torso_rgb, torso_alpha = tracking.compose_targets(rgb, s.labels.numpy(), rgb)
         ys, xs = np.nonzero(torso_alpha)

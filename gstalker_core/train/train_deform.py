@@ -123,8 +123,8 @@ class LandmarkGuide:
         rng = np.random.default_rng([self.cfg.seed, step])
         frames = rng.choice(self.frames, size=self.cfg.guide_batch)
         voices = self.source.draw_voices(rng, len(frames))
-        # every landmark step's frame loses bands: this is where the lips learn from the audio
-        # alone, and masks here lifted new voices' lip sync and held-out mouth accuracy alike
+        # every landmark step's frame loses bands: here the lips learn from the audio alone, and
+        # masks on every frame here lifted the new voices' lip sync (README, lip sync)
         every_frame = np.ones(len(frames), bool)
         cond = self.source.conditions(self.model, frames, voices=voices,
                                       hidden_bands=self.source.draw_hidden_bands(rng, every_frame, self.cfg.band_masks,
