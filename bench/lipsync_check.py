@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from gstalker_core import dub as dubbing  # noqa: E402
 from gstalker_core.config import TrackConfig, load_config  # noqa: E402
+from gstalker_core.errors import GstalkerError, InputError  # noqa: E402
 from gstalker_core.media import decode_audio, stream_frames  # noqa: E402
 from gstalker_core.metrics import lipsync  # noqa: E402
 from gstalker_core.speakers import load_speaker  # noqa: E402
@@ -132,7 +133,17 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a configuration override, as gstalker dub --set takes (e.g. dub.lip_gain=1.5)")
     args = parser.parse_args()
+    try:
+        run(args)
+    except GstalkerError as err:  # a bad input gets its problem and fix, as the CLI prints them
+        sys.exit(f"error: {err.problem}\n  fix: {err.fix}")
 
+
+def run(args: argparse.Namespace) -> None:
+    """Dub the speaker with every voice and print the table."""
+    for path in [args.real, *args.voice]:
+        if not path.is_file():
+            raise InputError(f"no such file: {path}", "give the path of an existing video or audio file")
     cfg = load_config(args.profile, None, args.set)
     bundle = load_speaker(open_store(cfg), args.speaker, cfg.cache_dir)
     size = bundle.manifest.resolution
