@@ -29,8 +29,10 @@ def _task_states(flow_state, timeout_s: float = 20.0) -> dict[str, str]:
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
                 id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
-        states = {run.name.split("-tiny")[0]: run.state.name for run in runs}
-        if all(run.state.is_final() for run in runs) or time.monotonic() > deadline:
+        # a run whose first state the server has not written yet (its event recorder retries
+        # when SQLite is busy) has no state: not final
+        states = {run.name.split("-tiny")[0]: run.state.name if run.state else None for run in runs}
+        if all(run.state and run.state.is_final() for run in runs) or time.monotonic() > deadline:
             return states
         time.sleep(0.5)
 
