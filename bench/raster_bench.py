@@ -8,7 +8,9 @@ The scene: Gaussians in an ellipsoid 0.2 units across, 0.6 in front of a camera 
 as a fitted head does. Prints median milliseconds over a few repeats (the first call of
 each configuration is left out: it warms caches, and for numba compiles or loads the
 kernels), the numba/reference speedup, the cold first numba call of the process and peak
-RSS. Threads: torch.set_num_threads / NUMBA_NUM_THREADS.
+RSS. The two CPU backends run in alternation, a round each, so that a slow spell of a
+shared machine slows both: the speedup is the median of the rounds' ratios, their range in
+brackets. Threads: torch.set_num_threads / NUMBA_NUM_THREADS.
 """
 
 from __future__ import annotations
@@ -47,23 +49,39 @@ def camera(size: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.eye(4, device=device)[None], K
 
 
+def time_call(params: list[torch.Tensor], size: int, backend: str, device: str) -> tuple[float, int]:
+    """Milliseconds of one forward + backward, and the (pixel, Gaussian) pairs composited."""
+    viewmats, Ks = camera(size, device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    img, alpha, meta = rasterization(*params[:4], params[4], viewmats, Ks, size, size, sh_degree=1, backend=backend)
+    (img.sum() + alpha.sum()).backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - start) * 1000
+    for p in params:
+        p.grad = None
+    return ms, meta.get("n_pairs", 0)
+
+
 def time_backend(n: int, size: int, backend: str, device: str, repeats: int) -> tuple[float, int]:
     params = head_scene(n, device)
-    viewmats, Ks = camera(size, device)
-    times, pairs = [], 0
-    for _ in range(repeats + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        img, alpha, meta = rasterization(*params[:4], params[4], viewmats, Ks, size, size, sh_degree=1, backend=backend)
-        (img.sum() + alpha.sum()).backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        pairs = meta.get("n_pairs", 0)
-        for p in params:
-            p.grad = None
-    return statistics.median(times[1:]) * 1000, pairs
+    times = [time_call(params, size, backend, device) for _ in range(repeats + 1)]
+    return statistics.median(ms for ms, _ in times[1:]), times[-1][1]
+
+
+def compare_cpu_backends(n: int, size: int, repeats: int) -> dict:
+    """The reference and numba timed in alternation on one scene, so that a slow spell of this
+    shared machine falls on both: medians of each, and the median of the per-round ratios."""
+    params = head_scene(n, "cpu")
+    rounds = [(time_call(params, size, "torch", "cpu"), time_call(params, size, "numba", "cpu"))
+              for _ in range(repeats + 1)][1:]
+    return {"torch_ms": statistics.median(t for (t, _), _ in rounds),
+            "numba_ms": statistics.median(m for _, (m, _) in rounds),
+            "ratio": statistics.median(t / m for (t, _), (m, _) in rounds),
+            "ratios": [t / m for (t, _), (m, _) in rounds],
+            "pairs": (rounds[-1][0][1], rounds[-1][1][1])}
 
 
 def cold_first_call() -> str:
@@ -84,17 +102,18 @@ def cold_first_call() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gsplat", action="store_true", help="also time gsplat at 512 px on CUDA")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(cold_first_call())
-    print("gaussians  px   torch fwd+bwd ms  numba fwd+bwd ms  speedup  (pixel, gaussian) pairs torch / numba")
+    print("gaussians  px   torch fwd+bwd ms  numba fwd+bwd ms  speedup (range)        (pixel, gaussian) pairs "
+          "torch / numba")
     for size in (128, 256):
         for n in (5000, 20000, 50000):
-            torch_ms, torch_pairs = time_backend(n, size, "torch", "cpu", args.repeats)
-            numba_ms, numba_pairs = time_backend(n, size, "numba", "cpu", args.repeats)
-            print(f"{n:>9}  {size:<4} {torch_ms:>16.1f}  {numba_ms:>16.1f}  {torch_ms / numba_ms:>6.1f}x  "
-                  f"{torch_pairs} / {numba_pairs}")
+            r = compare_cpu_backends(n, size, args.repeats)
+            spread = f"({min(r['ratios']):.1f}-{max(r['ratios']):.1f}x)"
+            print(f"{n:>9}  {size:<4} {r['torch_ms']:>16.1f}  {r['numba_ms']:>16.1f}  {r['ratio']:>6.1f}x {spread:<14} "
+                  f"{r['pairs'][0]} / {r['pairs'][1]}")
     if args.gsplat:
         for n in (5000, 20000, 50000):
             ms, _ = time_backend(n, 512, "gsplat", "cuda", args.repeats * 10)
