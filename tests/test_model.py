@@ -173,6 +173,8 @@ def test_learning_rates_follow_the_schedule(tiny_speaker):
     head_groups = [g["name"] for g in optimizer.param_groups if g["name"].startswith("head.")]
     assert head_groups and not any(g["name"].startswith("torso.") for g in optimizer.param_groups)
     assert rates(0)["networks"] == rates(10)["networks"] == cfg.lr_networks  # landmark steps: full rate
+    assert rates(0)["encoder"] == rates(9)["encoder"] == cfg.lr_networks  # the encoder: landmark steps only
+    assert rates(10)["encoder"] == rates(10 + 50)["encoder"] == 0.0
     assert all(rates(10 + 39)[g] == 0.0 for g in head_groups)  # head Gaussians frozen before unfreeze_step
     assert all(rates(10 + 40)[g] > 0.0 for g in head_groups)
     assert rates(10 + 50)["networks"] == pytest.approx(cfg.lr_networks * 0.1)  # half way: sqrt(0.01)
