@@ -217,10 +217,12 @@ def _forward_tile(job, means2d, conics, features, opacities, boxes, starts, ids,
         bx0, bx1, by0, by1 = _clip_box(boxes[c, g], x0, y0, tile_w, tile_h)
         decay = np.exp(-a)
         for y in range(by0, by1):
-            x_from = max(bx0, open_from[y])
+            x_from, x_to = max(bx0, open_from[y]), min(bx1, open_to[y])
+            if x_from >= x_to:  # the box's part of this row has stopped (over half the rows of a 50k head)
+                continue
             sigma, step, _, _ = _row_start(mx, my, a, b, cc, x0 + x_from, y0 + y)
             vis = ratio = -1.0
-            for x in range(x_from, min(bx1, open_to[y])):
+            for x in range(x_from, x_to):
                 here, sigma, step, vis, ratio = _row_step(sigma, step, vis, ratio, a, decay, sigma_cut)
                 if here < 0.0 or done[y, x]:
                     continue
