@@ -16,14 +16,16 @@ Algorithm
 - Forward, per tile: walk the tile's list front to back and, for each Gaussian, the tile
   pixels of its box row by row (``_row_step``: sigma by its differences, exp(-sigma) by
   ratios, so that a row costs two exps instead of one a pixel); a pair with sigma < 0 or
-  alpha = min(0.999, o exp(-sigma)) < 1/255 is skipped; a pixel stops (early stop) before its transmittance T (1 - alpha) would fall to
-  1e-4, and the tile stops when all its pixels have. Every pixel keeps, for the backward,
-  its final transmittance and the list entry of its last contributing Gaussian.
+  alpha = min(0.999, o exp(-sigma)) < 1/255 is skipped; a pixel stops (early stop) before
+  its transmittance T (1 - alpha) would fall to 1e-4, and the tile stops when all its
+  pixels have. Every pixel keeps, for the backward, its final transmittance and the list
+  entry of its last contributing Gaussian.
 - Backward (gsplat's back-to-front replay): walk the tile's list back from the latest last
-  contributor of its pixels; at each pixel where the Gaussian contributed, recover T in
-  front of it by dividing by (1 - alpha) and carry the sum of what the Gaussians behind it
-  gave. The loss gradient w.r.t. alpha follows in closed form, then w.r.t. opacity, conic
-  and 2D mean through alpha = o exp(-sigma(mean, conic)), and w.r.t. the features.
+  contributor of its pixels, each box by the same row walk; at each pixel where the Gaussian
+  contributed, recover T in front of it by dividing by (1 - alpha) and carry the sum of what
+  the Gaussians behind it gave. The loss gradient w.r.t. alpha follows in closed form, then
+  w.r.t. opacity, conic and 2D mean through alpha = o exp(-sigma(mean, conic)), and w.r.t.
+  the features.
 
 Threading: ``numba.prange`` runs over (camera, tile) jobs. A job writes only its own pixels
 in the forward, and in the backward only the gradient rows of its own list entries (one row
