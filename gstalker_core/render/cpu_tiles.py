@@ -455,8 +455,10 @@ class _RasterizeToPixels(torch.autograd.Function):
                   _balanced_schedule(pair_counts), final_T, last_entry, contributed, slots, numpy_of(grad_image),
                   numpy_of(grad_alpha), entry_grads)
         grads = _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, means2d.shape[1])
-        grads = torch.from_numpy(grads).to(features.dtype)
-        return (grads[..., MEAN_COLS], grads[..., CONIC_COLS], grads[..., FEATURE_START:], grads[..., OPACITY_COL],
+        # each input's gradient converted to its dtype in one contiguous pass (the kernels upstream read them flat)
+        dtype = numpy_of(features).dtype
+        return (*(torch.from_numpy(np.ascontiguousarray(grads[..., cols], dtype))
+                  for cols in (MEAN_COLS, CONIC_COLS, slice(FEATURE_START, None), OPACITY_COL)),
                 None, None, None, None)
 
 
