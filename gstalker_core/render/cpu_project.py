@@ -23,10 +23,9 @@ import numba
 import numpy as np
 import torch
 
+from .cpu_numba import jit, jit_parallel, numpy_of
 from .rasterize import ALPHA_THRESHOLD, FOOTPRINT_SIGMAS
 
-_jit = numba.njit(cache=True, fastmath=False)
-_jit_parallel = numba.njit(cache=True, parallel=True, fastmath=False)
 _QUAT_EPS = 1e-12  # F.normalize's
 
 
@@ -34,7 +33,7 @@ _QUAT_EPS = 1e-12  # F.normalize's
 # keeps them in registers, where numpy arrays would cost a heap allocation and a BLAS call each.
 
 
-@_jit
+@jit
 def _rotation(q):
     """Quaternion (w, x, y, z), normalised here as F.normalize -> rotation (9), the unit quaternion and the norm."""
     q0, q1, q2, q3 = np.float64(q[0]), np.float64(q[1]), np.float64(q[2]), np.float64(q[3])
@@ -46,19 +45,19 @@ def _rotation(q):
     return rot, (w, x, y, z), norm
 
 
-@_jit
+@jit
 def _row_times(row, m):
     """A 3-vector times a 3x3 (9): the row vector row @ m."""
     return (row[0] * m[0] + row[1] * m[3] + row[2] * m[6], row[0] * m[1] + row[1] * m[4] + row[2] * m[7],
             row[0] * m[2] + row[1] * m[5] + row[2] * m[8])
 
 
-@_jit
+@jit
 def _dot(u, v):
     return u[0] * v[0] + u[1] * v[1] + u[2] * v[2]
 
 
-@_jit
+@jit
 def _camera_frame(means, viewmats, Ks, width, height, near, far, c, g):
     """Camera rotation (9), camera-space mean, in-depth flag, the depth used for division,
     intrinsics, the projection Jacobian's entries (J00, J02, J11, J12; J01 = J10 = 0) and
@@ -82,7 +81,7 @@ def _camera_frame(means, viewmats, Ks, width, height, near, far, c, g):
     return R, mc, in_depth, zs, (fx, fy, cx, cy), jac, (free_x, free_y)
 
 
-@_jit
+@jit
 def _cov2d_factor(R, jac, rot, s):
     """W = J R (2x3, as two rows), M = rot diag(s) (9) and V = W M (two rows): cov2d = V V^T."""
     W0 = (jac[0] * R[0] + jac[1] * R[6], jac[0] * R[1] + jac[1] * R[7], jac[0] * R[2] + jac[1] * R[8])
@@ -92,12 +91,12 @@ def _cov2d_factor(R, jac, rot, s):
     return W0, W1, M, _row_times(W0, M), _row_times(W1, M)
 
 
-@_jit
+@jit
 def _scales(scales, c, g):
     return np.float64(scales[c, g, 0]), np.float64(scales[c, g, 1]), np.float64(scales[c, g, 2])
 
 
-@_jit
+@jit
 def _forward_one(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, antialiased, c, g,
                  means2d, conics, depths, radii, opac_out):
     R, mc, in_depth, zs, (fx, fy, cx, cy), jac, _ = _camera_frame(means, viewmats, Ks, width, height, near, far, c, g)
@@ -127,7 +126,7 @@ def _forward_one(means, quats, scales, opacities, viewmats, Ks, width, height, n
         radii[c, g, 0], radii[c, g, 1] = rx, ry
 
 
-@_jit_parallel
+@jit_parallel
 def _project_forward(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, antialiased,
                      means2d, conics, depths, radii, opac_out):
     n_gaussians = means.shape[1]
@@ -137,7 +136,7 @@ def _project_forward(means, quats, scales, opacities, viewmats, Ks, width, heigh
                      means2d, conics, depths, radii, opac_out)
 
 
-@_jit
+@jit
 def _backward_one(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, antialiased, c, g,
                   grad_means2d, grad_conics, grad_depths, grad_opac, grad_means, grad_quats, grad_scales,
                   grad_opacities):
@@ -212,7 +211,7 @@ def _backward_one(means, quats, scales, opacities, viewmats, Ks, width, height, 
     grad_quats[c, g, 2], grad_quats[c, g, 3] = (gy - y * radial) / norm, (gz - z * radial) / norm
 
 
-@_jit_parallel
+@jit_parallel
 def _project_backward(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, antialiased, radii,
                       grad_means2d, grad_conics, grad_depths, grad_opac, grad_means, grad_quats, grad_scales,
                       grad_opacities):
@@ -228,11 +227,6 @@ def _project_backward(means, quats, scales, opacities, viewmats, Ks, width, heig
         else:  # culled or hidden: only the depths output depends on it, through the mean
             for i in range(3):
                 grad_means[c, g, i] = grad_depths[c, g] * viewmats[c, 2, i]
-
-
-def numpy_of(t: torch.Tensor) -> np.ndarray:
-    """The numba kernels' view of a CPU tensor (a copy only when it is not contiguous)."""
-    return t.detach().contiguous().numpy()
 
 
 class _Project(torch.autograd.Function):

@@ -20,15 +20,13 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_project import numpy_of
+from .cpu_numba import jit, jit_parallel, numpy_of
 from .rasterize import SH_C0, SH_C1, SH_C2, SH_C3
 
-_jit = numba.njit(cache=True, fastmath=False)
-_jit_parallel = numba.njit(cache=True, parallel=True, fastmath=False)
 _NORM_EPS = 1e-12  # F.normalize's
 
 
-@_jit
+@jit
 def _unit(dirs, c, g):
     """Direction (c, g) normalised as F.normalize, and the norm it was divided by."""
     x, y, z = np.float64(dirs[c, g, 0]), np.float64(dirs[c, g, 1]), np.float64(dirs[c, g, 2])
@@ -36,7 +34,7 @@ def _unit(dirs, c, g):
     return x / norm, y / norm, z / norm, norm
 
 
-@_jit
+@jit
 def _basis(x, y, z):
     """The 16 real SH basis values of degrees 0-3 at the unit direction (x, y, z)."""
     xx, yy, zz = x * x, y * y, z * z
@@ -47,7 +45,7 @@ def _basis(x, y, z):
             SH_C3[6] * x * (xx - 3 * yy))
 
 
-@_jit
+@jit
 def _basis_gradients(x, y, z):
     """d basis / dx, d basis / dy, d basis / dz of ``_basis``'s 16 polynomials."""
     xx, yy, zz = x * x, y * y, z * z
@@ -66,7 +64,7 @@ def _basis_gradients(x, y, z):
     return by_x, by_y, by_z
 
 
-@_jit
+@jit
 def _colour(basis, coeffs, cc, g, n_basis, channel):
     """basis . coefficients + 0.5 of one channel, before the clamp at 0."""
     value = 0.5
@@ -75,7 +73,7 @@ def _colour(basis, coeffs, cc, g, n_basis, channel):
     return value
 
 
-@_jit_parallel
+@jit_parallel
 def _forward(n_basis, dirs, coeffs, colours):
     n_cameras, n_gaussians = colours.shape[:2]
     shared = coeffs.shape[0] == 1
@@ -87,7 +85,7 @@ def _forward(n_basis, dirs, coeffs, colours):
                 colours[c, g, channel] = max(_colour(basis, coeffs, 0 if shared else c, g, n_basis, channel), 0.0)
 
 
-@_jit_parallel
+@jit_parallel
 def _backward(n_basis, dirs, coeffs, grad_colours, grad_dirs, grad_coeffs):
     """One thread per Gaussian, over all cameras: shared coefficients' gradients sum without races."""
     n_cameras, n_gaussians = grad_colours.shape[:2]

@@ -35,8 +35,7 @@ early stop and get none). A serial pass then sums the entry rows of each Gaussia
 the entries, milliseconds), so no two threads ever write the same memory.
 
 Precision: arrays keep the caller's dtype (float32 in training); per-pixel arithmetic,
-transmittance and gradient sums run in float64 locals. Kernels are compiled once per dtype
-and cached on disk (``cache=True``): a later process loads them in about a second.
+transmittance and gradient sums run in float64 locals. Compile settings: ``cpu_numba``.
 """
 
 from __future__ import annotations
@@ -45,20 +44,15 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_project import numpy_of
+from .cpu_numba import jit, jit_parallel, numpy_of
 from .rasterize import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE, footprint_boxes
 
 TILE = 16
 # gradient columns of a list entry: d mean2d (x, y) 0-1, d conic (a, b, c) 2-4, d opacity, d features (D)
 MEAN_COLS, CONIC_COLS, OPACITY_COL, FEATURE_START = slice(0, 2), slice(2, 5), 5, 6
 
-# Only the (camera, tile) loops are parallel and their bodies are separate serial functions:
-# numba's parfor passes are slow on large loop bodies, this keeps the cold compile short.
-_jit = numba.njit(cache=True, fastmath=False)
-_jit_parallel = numba.njit(cache=True, parallel=True, fastmath=False)
 
-
-@_jit
+@jit
 def _tile_range(box):
     """Tiles [tx0, tx1) x [ty0, ty1) touched by a pixel box (x0, x1, y0, y1); empty box -> none."""
     if box[1] <= box[0] or box[3] <= box[2]:
@@ -66,14 +60,14 @@ def _tile_range(box):
     return box[0] // TILE, (box[1] - 1) // TILE + 1, box[2] // TILE, (box[3] - 1) // TILE + 1
 
 
-@_jit
+@jit
 def _chunk(n_gaussians, n_chunks, job):
     """Camera and depth-order range [lo, hi) of binning job ``job``."""
     c, chunk = divmod(np.int64(job), n_chunks)
     return c, chunk * n_gaussians // n_chunks, (chunk + 1) * n_gaussians // n_chunks
 
 
-@_jit
+@jit
 def _count_chunk(boxes, order, c, lo, hi, tiles_x, counts):
     """Add, per tile, the Gaussians order[c, lo:hi] whose boxes touch it to ``counts`` (n_tiles)."""
     for i in range(lo, hi):
@@ -83,7 +77,7 @@ def _count_chunk(boxes, order, c, lo, hi, tiles_x, counts):
                 counts[ty * tiles_x + tx] += 1
 
 
-@_jit
+@jit
 def _list_chunk(boxes, order, c, lo, hi, tiles_x, cursor, ids):
     """Write the Gaussians order[c, lo:hi] into the tile lists of camera c from ``cursor`` (n_tiles) on."""
     for i in range(lo, hi):
@@ -96,7 +90,7 @@ def _list_chunk(boxes, order, c, lo, hi, tiles_x, cursor, ids):
                 cursor[t] += 1
 
 
-@_jit_parallel
+@jit_parallel
 def _bin_gaussians(boxes, order, tiles_x, n_tiles, n_chunks):
     """Flat depth-sorted tile lists: Gaussian ids, and where the list of job (camera, tile) starts.
 
@@ -126,7 +120,7 @@ def _bin_gaussians(boxes, order, tiles_x, n_tiles, n_chunks):
     return starts, ids
 
 
-@_jit
+@jit
 def _gaussian(means2d, conics, opacities, c, g):
     """Gaussian g of camera c as float64 scalars: mean (x, y), conic (a, b, c), opacity, and
     a sigma beyond which alpha is surely below 1/255 (o exp(-sigma) = 1/255, plus a margin
@@ -137,7 +131,7 @@ def _gaussian(means2d, conics, opacities, c, g):
             np.log(opacity / ALPHA_THRESHOLD) + 1e-6)
 
 
-@_jit
+@jit
 def _row_start(mx, my, a, b, cc, px, py):
     """A row walk's start at pixel (px, py): sigma there, its step to pixel px + 1, dx and dy."""
     dx = mx - (px + 0.5)
@@ -145,7 +139,7 @@ def _row_start(mx, my, a, b, cc, px, py):
     return 0.5 * (a * dx * dx + cc * dy * dy) + b * dx * dy, 0.5 * a * (1.0 - 2.0 * dx) - b * dy, dx, dy
 
 
-@_jit
+@jit
 def _row_step(sigma, step, vis, ratio, a, decay, sigma_cut):
     """One pixel of a row walk: exp(-sigma) at this pixel (-1 where sigma < 0 or beyond the cut),
     then the walk's state at the next pixel.
@@ -170,7 +164,7 @@ def _row_step(sigma, step, vis, ratio, a, decay, sigma_cut):
     return here, sigma + step, step + a, vis, ratio
 
 
-@_jit
+@jit
 def _tile_geometry(job, n_tiles, tiles_x, width, height):
     """Camera, top-left pixel and size of a (camera, tile) job's tile."""
     c, t = divmod(job, n_tiles)
@@ -178,13 +172,13 @@ def _tile_geometry(job, n_tiles, tiles_x, width, height):
     return c, x0, y0, min(TILE, width - x0), min(TILE, height - y0)
 
 
-@_jit
+@jit
 def _clip_box(box, x0, y0, tile_w, tile_h):
     """A footprint box (x0, x1, y0, y1) cut to the tile, in tile-local pixel coordinates."""
     return (max(box[0] - x0, 0), min(box[1] - x0, tile_w), max(box[2] - y0, 0), min(box[3] - y0, tile_h))
 
 
-@_jit
+@jit
 def _narrow_open_span(done, y, open_from, open_to):
     """Shrink row y's span [open_from, open_to) past the stopped pixels at its ends."""
     while open_from[y] < open_to[y] and done[y, open_from[y]]:
@@ -193,7 +187,7 @@ def _narrow_open_span(done, y, open_from, open_to):
         open_to[y] -= 1
 
 
-@_jit
+@jit
 def _forward_tile(job, means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
                   image, final_T, last_entry, contributed):
     """Composite one (camera, tile) front to back; returns its number of composited pairs and
@@ -253,7 +247,7 @@ def _forward_tile(job, means2d, conics, features, opacities, boxes, starts, ids,
     return n_pairs
 
 
-@_jit_parallel
+@jit_parallel
 def _forward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles, schedule,
              image, final_T, last_entry, contributed, pair_counts):
     """Composite every tile into ``image`` (C, H, W, D); per pixel the final transmittance and
@@ -265,7 +259,7 @@ def _forward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x, 
                                          tiles_x, n_tiles, image, final_T, last_entry, contributed)
 
 
-@_jit
+@jit
 def _columns_by_last(last):
     """Per row of a tile, its columns by their last contributing entry, latest first (insertion sort)."""
     tile_h, tile_w = last.shape
@@ -280,7 +274,7 @@ def _columns_by_last(last):
     return by_last
 
 
-@_jit
+@jit
 def _wake(last, by_last, woken, live_from, live_to, y, k):
     """Widen row y's span [live_from, live_to) to every pixel that entry k (or one behind it) reached:
     the back-to-front replay visits k in falling order, so a pixel joins once and stays."""
@@ -290,7 +284,7 @@ def _wake(last, by_last, woken, live_from, live_to, y, k):
         woken[y] += 1
 
 
-@_jit
+@jit
 def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles,
                    final_T, last_entry, contributed, slots, grad_image, grad_alpha, entry_grads):
     """Gradients of one (camera, tile)'s contributing list entries, replayed back to front.
@@ -369,7 +363,7 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
         row[OPACITY_COL] = opacity_grad
 
 
-@_jit_parallel
+@jit_parallel
 def _backward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles, schedule,
               final_T, last_entry, contributed, slots, grad_image, grad_alpha, entry_grads):
     """Loss gradients of the contributing list entries into ``entry_grads`` (n_contributing, 6 + D):
@@ -380,7 +374,7 @@ def _backward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x,
                        final_T, last_entry, contributed, slots, grad_image, grad_alpha, entry_grads)
 
 
-@_jit
+@jit
 def _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, n_gaussians):
     """Per-Gaussian gradients (C, N, columns): the sums of their contributing list entries."""
     n_cameras = (len(starts) - 1) // n_tiles
