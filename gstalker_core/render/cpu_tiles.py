@@ -32,10 +32,11 @@ Threading: ``numba.prange`` runs over (camera, tile) jobs. A job writes only its
 in the forward, and in the backward only the gradient rows of its own list entries (one row
 per (tile, Gaussian) entry that contributed to a pixel; most entries of a head lie behind an
 early stop and get none). A serial pass then sums the entry rows of each Gaussian (linear in
-the entries, milliseconds), so no two threads ever write the same memory.
+the entries, under a millisecond), so no two threads ever write the same memory.
 
 Precision: arrays keep the caller's dtype (float32 in training); per-pixel arithmetic,
-transmittance and gradient sums run in float64 locals. Compile settings: ``cpu_numba``.
+transmittance and each list entry's gradient sums run in float64, and a Gaussian's entries
+(one per tile it reached) are added in the caller's dtype. Compile settings: ``cpu_numba``.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from .cpu_numba import jit, jit_parallel, numpy_of
 from .rasterize import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE, footprint_boxes
 
 TILE = 16
-# gradient columns of a list entry: d mean2d (x, y) 0-1, d conic (a, b, c) 2-4, d opacity, d features (D)
-MEAN_COLS, CONIC_COLS, OPACITY_COL, FEATURE_START = slice(0, 2), slice(2, 5), 5, 6
+# where a list entry's gradient row keeps d mean2d (x, y), d conic (a, b, c), d opacity and d features (D)
+MEAN_COL, CONIC_COL, OPACITY_COL, FEATURE_START = 0, 2, 5, 6
 
 
 @jit
@@ -358,8 +359,8 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
                 b_grad += grad_sigma * here_dx * dy
                 c_grad += grad_sigma * 0.5 * dy * dy
                 opacity_grad += grad_a * here
-        row[0], row[1] = mean_x_grad, mean_y_grad
-        row[2], row[3], row[4] = a_grad, b_grad, c_grad
+        row[MEAN_COL], row[MEAN_COL + 1] = mean_x_grad, mean_y_grad
+        row[CONIC_COL], row[CONIC_COL + 1], row[CONIC_COL + 2] = a_grad, b_grad, c_grad
         row[OPACITY_COL] = opacity_grad
 
 
@@ -375,17 +376,32 @@ def _backward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x,
 
 
 @jit
-def _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, n_gaussians):
-    """Per-Gaussian gradients (C, N, columns): the sums of their contributing list entries."""
+def _entry_slots(contributed):
+    """Each contributing list entry's row in the table of entry gradients (entry k: slots[k]), and the rows."""
+    slots = np.empty(len(contributed), np.int64)
+    n_rows = 0
+    for k in range(len(contributed)):
+        slots[k] = n_rows
+        n_rows += contributed[k]
+    return slots, n_rows
+
+
+@jit
+def _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, grad_means2d, grad_conics, grad_features,
+                 grad_opacities):
+    """Per-Gaussian gradients, added into the four (zeroed) arrays: the sums of their contributing list entries."""
     n_cameras = (len(starts) - 1) // n_tiles
-    n_columns = entry_grads.shape[1]
-    grads = np.zeros((n_cameras, n_gaussians, n_columns))
     for c in range(n_cameras):
         for k in range(starts[c * n_tiles], starts[(c + 1) * n_tiles]):  # camera c's tile lists
             if contributed[k]:
-                for j in range(n_columns):
-                    grads[c, ids[k], j] += entry_grads[slots[k], j]
-    return grads
+                row, g = entry_grads[slots[k]], ids[k]
+                for j in range(2):
+                    grad_means2d[c, g, j] += row[MEAN_COL + j]
+                for j in range(3):
+                    grad_conics[c, g, j] += row[CONIC_COL + j]
+                grad_opacities[c, g] += row[OPACITY_COL]
+                for d in range(grad_features.shape[2]):
+                    grad_features[c, g, d] += row[FEATURE_START + d]
 
 
 def _balanced_schedule(costs: np.ndarray) -> np.ndarray:
@@ -443,17 +459,14 @@ class _RasterizeToPixels(torch.autograd.Function):
         means2d, conics, features, opacities, boxes = ctx.saved_tensors
         starts, ids, tiles_x, n_tiles, pair_counts, final_T, last_entry, contributed = ctx.tiles
         # one gradient row per contributing entry (most entries lie behind an early stop)
-        slots = np.cumsum(contributed) - 1
-        entry_grads = np.zeros((int(slots[-1]) + 1 if len(slots) else 0, FEATURE_START + features.shape[-1]))
-        _backward(*(numpy_of(t) for t in (means2d, conics, features, opacities, boxes)), starts, ids, tiles_x, n_tiles,
-                  _balanced_schedule(pair_counts), final_T, last_entry, contributed, slots, numpy_of(grad_image),
-                  numpy_of(grad_alpha), entry_grads)
-        grads = _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, means2d.shape[1])
-        # each input's gradient converted to its dtype in one contiguous pass (the kernels upstream read them flat)
-        dtype = numpy_of(features).dtype
-        return (*(torch.from_numpy(np.ascontiguousarray(grads[..., cols], dtype))
-                  for cols in (MEAN_COLS, CONIC_COLS, slice(FEATURE_START, None), OPACITY_COL)),
-                None, None, None, None)
+        slots, n_rows = _entry_slots(contributed)
+        entry_grads = np.zeros((n_rows, FEATURE_START + features.shape[-1]))
+        inputs = [numpy_of(t) for t in (means2d, conics, features, opacities, boxes)]
+        _backward(*inputs, starts, ids, tiles_x, n_tiles, _balanced_schedule(pair_counts), final_T, last_entry,
+                  contributed, slots, numpy_of(grad_image), numpy_of(grad_alpha), entry_grads)
+        grads = [np.zeros_like(array) for array in inputs[:4]]  # the caller's dtype, contiguous for the kernels upstream
+        _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, *grads)
+        return (*(torch.from_numpy(g) for g in grads), None, None, None, None)
 
 
 def rasterize_to_pixels(means2d: torch.Tensor, conics: torch.Tensor, features: torch.Tensor, opacities: torch.Tensor,
