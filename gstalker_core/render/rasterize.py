@@ -234,21 +234,20 @@ def _project_camera(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tens
     shared by the torch and numba backends; ``projection`` is ``torch_projection`` or its
     fused CPU twin ``cpu_project.project``, ``shading`` ``sh_colors`` or ``cpu_sh.sh_colors``.
 
-    Returns ``project``'s means2d, conics, depths, radii, opacities and valid mask, then the
-    features to composite (..., N, D): colours, plus the depth channel in the depth render modes.
+    Returns ``project``'s means2d, conics, depths, radii and opacities, then the features to
+    composite (..., N, D): colours, plus the depth channel in the depth render modes.
     """
     means2d, conics, depths, radii, opac = projection(means, quats, scales, opacities, viewmat, K, width, height, eps2d,
                                                       near, far, antialiased)
-    valid = (radii > 0).all(-1)
     if sh_degree is not None:
         campos = -(viewmat[..., :3, :3].transpose(-1, -2) @ viewmat[..., :3, 3, None])[..., 0]
         rgb = shading(sh_degree, means - campos[..., None, :], colors)
     else:
         rgb = colors
-    channels = [rgb.expand(*depths.shape, rgb.shape[-1])]
+    feats = rgb.expand(*depths.shape, rgb.shape[-1])
     if render_mode in ("RGB+D", "RGB+ED"):
-        channels.append(depths[..., None])
-    return means2d, conics, depths, radii, opac, valid, torch.cat(channels, -1)
+        feats = torch.cat([feats, depths[..., None]], -1)
+    return means2d, conics, depths, radii, opac, feats
 
 
 def _finish_image(image: torch.Tensor, alpha: torch.Tensor, render_mode: RenderMode,
@@ -267,9 +266,10 @@ def _rasterize_reference(means: torch.Tensor, quats: torch.Tensor, scales: torch
                          colors: torch.Tensor, viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int,
                          near: float, far: float, eps2d: float, sh_degree: int | None, background: torch.Tensor | None,
                          render_mode: RenderMode, antialiased: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    means2d, conics, depths, radii, opac, valid, feats = _project_camera(
+    means2d, conics, depths, radii, opac, feats = _project_camera(
         means, quats, scales, opacities, colors, viewmat, K, width, height, near, far, eps2d, sh_degree, render_mode,
         antialiased)
+    valid = (radii > 0).all(-1)
     n_pix = width * height
     gauss, pix = _contributing_pairs(means2d.detach(), conics.detach(), opac.detach(), depths.detach(), radii, valid,
                                      width, height)
@@ -364,9 +364,9 @@ def _rasterize_numba(gaussians: tuple[torch.Tensor, ...], viewmats: torch.Tensor
 
     # the fused numba projection differentiates w.r.t. the Gaussians only: cameras being optimised take autograd's
     projection = torch_projection if viewmats.requires_grad or Ks.requires_grad else cpu_project.project
-    means2d, conics, depths, radii, opac, _, feats = _project_camera(*gaussians, viewmats, Ks, width, height, near, far,
-                                                                     eps2d, sh_degree, render_mode, antialiased,
-                                                                     projection, cpu_sh.sh_colors)
+    means2d, conics, depths, radii, opac, feats = _project_camera(*gaussians, viewmats, Ks, width, height, near, far,
+                                                                  eps2d, sh_degree, render_mode, antialiased,
+                                                                  projection, cpu_sh.sh_colors)
     if means2d.requires_grad:
         means2d.retain_grad()
     image, alpha, n_pairs = cpu_tiles.rasterize_to_pixels(means2d, conics, feats, opac, depths, radii, width, height)
