@@ -24,6 +24,7 @@ from .cpu_numba import jit, jit_parallel, numpy_of
 from .rasterize import SH_C0, SH_C1, SH_C2, SH_C3
 
 _NORM_EPS = 1e-12  # F.normalize's
+_ZEROS_12 = (0.0,) * 12
 
 
 @jit
@@ -35,8 +36,11 @@ def _unit(dirs, c, g):
 
 
 @jit
-def _basis(x, y, z):
-    """The 16 real SH basis values of degrees 0-3 at the unit direction (x, y, z)."""
+def _basis(x, y, z, n_basis):
+    """The 16 real SH basis values of degrees 0-3 at the unit direction (x, y, z); those past
+    ``n_basis`` are 0 at degrees 0 and 1 (the default), whose Gaussians skip degrees 2 and 3' terms."""
+    if n_basis <= 4:
+        return (SH_C0, -SH_C1 * y, SH_C1 * z, -SH_C1 * x) + _ZEROS_12
     xx, yy, zz = x * x, y * y, z * z
     return (SH_C0, -SH_C1 * y, SH_C1 * z, -SH_C1 * x,
             SH_C2[0] * x * y, SH_C2[1] * y * z, SH_C2[2] * (2 * zz - xx - yy), SH_C2[3] * x * z, SH_C2[4] * (xx - yy),
@@ -46,8 +50,12 @@ def _basis(x, y, z):
 
 
 @jit
-def _basis_gradients(x, y, z):
-    """d basis / dx, d basis / dy, d basis / dz of ``_basis``'s 16 polynomials."""
+def _basis_gradients(x, y, z, n_basis):
+    """d basis / dx, d basis / dy, d basis / dz of ``_basis``'s 16 polynomials (as ``_basis``, those
+    past ``n_basis`` 0 at degrees 0 and 1)."""
+    if n_basis <= 4:
+        return (0.0, 0.0, 0.0, -SH_C1) + _ZEROS_12, (0.0, -SH_C1, 0.0, 0.0) + _ZEROS_12, \
+            (0.0, 0.0, SH_C1, 0.0) + _ZEROS_12
     xx, yy, zz = x * x, y * y, z * z
     by_x = (0.0, 0.0, 0.0, -SH_C1,
             SH_C2[0] * y, 0.0, -2 * SH_C2[2] * x, SH_C2[3] * z, 2 * SH_C2[4] * x,
@@ -80,7 +88,7 @@ def _forward(n_basis, dirs, coeffs, colours):
     for g in numba.prange(n_gaussians):
         for c in range(n_cameras):
             x, y, z, _ = _unit(dirs, c, g)
-            basis = _basis(x, y, z)
+            basis = _basis(x, y, z, n_basis)
             for channel in range(3):
                 colours[c, g, channel] = max(_colour(basis, coeffs, 0 if shared else c, g, n_basis, channel), 0.0)
 
@@ -97,8 +105,8 @@ def _backward(n_basis, dirs, coeffs, grad_colours, grad_dirs, grad_coeffs):
                 grad_dirs[c, g, 0] = grad_dirs[c, g, 1] = grad_dirs[c, g, 2] = 0.0  # hidden Gaussian
                 continue
             x, y, z, norm = _unit(dirs, c, g)
-            basis = _basis(x, y, z)
-            by_x, by_y, by_z = _basis_gradients(x, y, z)
+            basis = _basis(x, y, z, n_basis)
+            by_x, by_y, by_z = _basis_gradients(x, y, z, n_basis)
             gx = gy = gz = 0.0
             for channel in range(3):
                 if _colour(basis, coeffs, cc, g, n_basis, channel) < 0.0:  # clamped: no gradient
