@@ -10,7 +10,9 @@ each configuration is left out: it warms caches, and for numba compiles or loads
 kernels), the numba/reference speedup, the cold first numba call of the process and peak
 RSS. The two CPU backends run in alternation, a round each, so that a slow spell of a
 shared machine slows both: the speedup is the median of the rounds' ratios, their range in
-brackets. Threads: torch.set_num_threads / NUMBA_NUM_THREADS.
+brackets. Fifteen rounds by default: at 128 px a numba call takes 20-30 ms and a slow spell of
+the machine can double one, so five rounds' medians moved by a third from run to run.
+Threads: torch.set_num_threads / NUMBA_NUM_THREADS.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def cold_first_call() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gsplat", action="store_true", help="also time gsplat at 512 px on CUDA")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15, help="rounds per configuration (default 15)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(cold_first_call())
