@@ -3,9 +3,10 @@ are compiled, and the array view they take of a tensor.
 
 Compiled once per argument types and cached on disk (``cache=True``): a later process loads
 them in about a second. Floating point: LLVM may fuse multiply-adds, reassociate, multiply by
-reciprocals and ignore the sign of zero. In single-thread A/B runs on the same inputs that
-made the compositing backward 7-10% faster, the projection 8% and the SH colours' forward
-18%, with the same float32 outputs and gradients within 1e-12 relative. Not ``nnan``/``ninf``:
+reciprocals and ignore the sign of zero. Against strict IEEE arithmetic, in single-thread A/B
+runs on the same inputs, that made the compositing backward 7-10% faster, the projection 8%
+and the SH colours' forward 18%, with the same float32 outputs and gradients within 1e-12
+relative. Not ``nnan``/``ninf``:
 culled Gaussians and the row walk's sentinels rely on comparisons that hold for infinities,
 and not ``afn``: exp and log stay correctly rounded.
 """

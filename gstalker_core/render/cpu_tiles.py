@@ -24,11 +24,10 @@ Algorithm
   entry of its last contributing Gaussian.
 - Backward (gsplat's back-to-front replay): walk the tile's list back from the latest last
   contributor of its pixels, each box by the same row walk over the span of pixels that
-  stopped at or behind the Gaussian; at each pixel where the Gaussian
-  contributed, recover T in front of it by dividing by (1 - alpha) and carry the sum of what
-  the Gaussians behind it gave. The loss gradient w.r.t. alpha follows in closed form, then
-  w.r.t. opacity, conic and 2D mean through alpha = o exp(-sigma(mean, conic)), and w.r.t.
-  the features.
+  stopped at or behind the Gaussian; at each pixel where the Gaussian contributed, recover T
+  in front of it by dividing by (1 - alpha) and carry the sum of what the Gaussians behind it
+  gave. The loss gradient w.r.t. alpha follows in closed form, then w.r.t. opacity, conic
+  and 2D mean through alpha = o exp(-sigma(mean, conic)), and w.r.t. the features.
 
 Threading: ``numba.prange`` runs over (camera, tile) jobs. A job writes only its own pixels
 in the forward, and in the backward only the gradient rows of its own list entries (one row
@@ -127,13 +126,14 @@ def _bin_gaussians(boxes, order, tiles_x, n_tiles, n_chunks):
 
 @jit
 def _gaussian(means2d, conics, opacities, c, g):
-    """Gaussian g of camera c as float64 scalars: mean (x, y), conic (a, b, c), opacity, and
-    a sigma beyond which alpha is surely below 1/255 (o exp(-sigma) = 1/255, plus a margin
-    far above rounding), where a row walk stops its product; the exact test still decides the rest."""
+    """Gaussian g of camera c as float64 scalars: mean (x, y), conic (a, b, c), opacity, a
+    sigma beyond which alpha is surely below 1/255 (o exp(-sigma) = 1/255, plus a margin far
+    above rounding), where a row walk stops its product (the exact test still decides the
+    rest), and the row walk's ``decay`` exp(-a)."""
     opacity = np.float64(opacities[c, g])
-    return (np.float64(means2d[c, g, 0]), np.float64(means2d[c, g, 1]), np.float64(conics[c, g, 0]),
-            np.float64(conics[c, g, 1]), np.float64(conics[c, g, 2]), opacity,
-            np.log(opacity / ALPHA_THRESHOLD) + 1e-6)
+    a = np.float64(conics[c, g, 0])
+    return (np.float64(means2d[c, g, 0]), np.float64(means2d[c, g, 1]), a, np.float64(conics[c, g, 1]),
+            np.float64(conics[c, g, 2]), opacity, np.log(opacity / ALPHA_THRESHOLD) + 1e-6, np.exp(-a))
 
 
 @jit
@@ -215,9 +215,8 @@ def _forward_tile(job, means2d, conics, features, opacities, boxes, starts, ids,
         if n_open == 0:
             break
         g = ids[k]
-        mx, my, a, b, cc, opacity, sigma_cut = _gaussian(means2d, conics, opacities, c, g)
+        mx, my, a, b, cc, opacity, sigma_cut, decay = _gaussian(means2d, conics, opacities, c, g)
         bx0, bx1, by0, by1 = _clip_box(boxes[c, g], x0, y0, tile_w, tile_h)
-        decay = np.exp(-a)
         for y in range(by0, by1):
             x_from, x_to = max(bx0, open_from[y]), min(bx1, open_to[y])
             if x_from >= x_to:  # the box's part of this row has stopped (over half the rows of a 50k head)
@@ -299,8 +298,8 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
     (entry <= the pixel's last); per pixel it carries the transmittance and the sum of what
     lies behind. Each row walks only the span of the pixels whose stop lies at or behind the
     entry (``_wake``): on a 50k-Gaussian head at 128 px that is 1.5 pixel steps per composited
-    pair instead of 2.6 over the whole box, and the backward 10-15% faster. Entry k's gradients go to row ``slots[k]`` of
-    ``entry_grads``.
+    pair instead of 2.6 over the whole box, and the backward 10-15% faster. Entry k's
+    gradients go to row ``slots[k]`` of ``entry_grads``.
     """
     n_features = grad_image.shape[3]
     c, x0, y0, tile_w, tile_h = _tile_geometry(job, n_tiles, tiles_x, grad_image.shape[2], grad_image.shape[1])
@@ -326,10 +325,9 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
             continue
         g = ids[k]
         row = entry_grads[slots[k]]
-        mx, my, a, b, cc, opacity, sigma_cut = _gaussian(means2d, conics, opacities, c, g)
+        mx, my, a, b, cc, opacity, sigma_cut, decay = _gaussian(means2d, conics, opacities, c, g)
         bx0, bx1, by0, by1 = _clip_box(boxes[c, g], x0, y0, tile_w, tile_h)
         mean_x_grad = mean_y_grad = a_grad = b_grad = c_grad = opacity_grad = 0.0
-        decay = np.exp(-a)
         for y in range(by0, by1):
             _wake(last, by_last, woken, live_from, live_to, y, k)
             x_from, x_to = max(bx0, live_from[y]), min(bx1, live_to[y])
@@ -468,7 +466,8 @@ class _RasterizeToPixels(torch.autograd.Function):
         inputs = [numpy_of(t) for t in (means2d, conics, features, opacities, boxes)]
         _backward(*inputs, starts, ids, tiles_x, n_tiles, _balanced_schedule(pair_counts), final_T, last_entry,
                   contributed, slots, numpy_of(grad_image), numpy_of(grad_alpha), entry_grads)
-        grads = [np.zeros_like(array) for array in inputs[:4]]  # the caller's dtype, contiguous for the kernels upstream
+        # in the caller's dtype, contiguous for the kernels upstream
+        grads = [np.zeros_like(array) for array in inputs[:4]]
         _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, *grads)
         return (*(torch.from_numpy(g) for g in grads), None, None, None, None)
 
