@@ -221,6 +221,26 @@ def test_depth_order_is_a_stable_sort():
         assert torch.equal(torch.from_numpy(depth_order(depths)), torch.argsort(depths, dim=-1, stable=True))
 
 
+def test_footprint_boxes_match_the_reference():
+    """The numba boxes equal ``footprint_boxes`` in float32 and float64, centres on and beside the
+    pixel-centre boundaries included; culled Gaussians get an empty box."""
+    from gstalker_core.render.cpu_tiles import _footprint_boxes
+    from gstalker_core.render.rasterize import footprint_boxes
+
+    g = torch.Generator().manual_seed(0)
+    width, height = 37, 29
+    for dtype in (torch.float32, torch.float64):
+        on_boundaries = torch.randint(-20, 60, (2, 3000, 2), generator=g).to(dtype) / 2  # x.0 and x.5
+        beside = on_boundaries + torch.randn(2, 3000, 2, generator=g, dtype=dtype) * 1e-6
+        means2d = torch.cat([on_boundaries, beside, torch.rand(2, 3000, 2, generator=g, dtype=dtype) * 80 - 20], 1)
+        radii = torch.randint(0, 12, means2d.shape, generator=g)
+        boxes = torch.from_numpy(_footprint_boxes(means2d.numpy(), radii.numpy(), width, height))
+        x0, x1, y0, y1 = footprint_boxes(means2d, radii, width, height)
+        listed = (radii > 0).all(-1)
+        assert torch.equal(boxes[listed], torch.stack([x0, x1, y0, y1], -1)[listed].int())
+        assert not boxes[~listed].any()
+
+
 def test_numba_sh_colours_refuse_mismatched_inputs():
     """Too few coefficients for the degree, or per-camera coefficients for another number of cameras."""
     from gstalker_core.render import cpu_sh

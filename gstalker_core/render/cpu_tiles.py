@@ -5,9 +5,9 @@ this module composites the projected 2D Gaussians of C cameras and differentiate
 analytically, with the cut-offs of the reference backend (``rasterize._contributing_pairs``).
 
 Algorithm
-- Footprint boxes: the pixel ranges of ``rasterize.footprint_boxes`` (the reference's own
-  function), empty for culled Gaussians (radius 0). A Gaussian is evaluated only at the
-  pixels of its box, as in the reference.
+- Footprint boxes: the pixel ranges of ``rasterize.footprint_boxes``, in the means' dtype as
+  there (``_footprint_boxes``), empty for culled Gaussians (radius 0). A Gaussian is
+  evaluated only at the pixels of its box, as in the reference.
 - Binning: the image is cut into 16x16 tiles; each Gaussian is listed in every tile its box
   touches. Gaussians are listed in front-to-back order (one stable sort by depth per camera,
   so equal depths go by index as in the reference), which leaves every tile's list
@@ -42,16 +42,41 @@ transmittance and each list entry's gradient sums run in float64, and a Gaussian
 
 from __future__ import annotations
 
+import math
+
 import numba
 import numpy as np
 import torch
 
 from .cpu_numba import jit, jit_parallel, numpy_of
-from .rasterize import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE, footprint_boxes
+from .rasterize import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE
 
 TILE = 16
 # where a list entry's gradient row keeps d mean2d (x, y), d conic (a, b, c), d opacity and d features (D)
 MEAN_COL, CONIC_COL, OPACITY_COL, FEATURE_START = 0, 2, 5, 6
+
+
+@numba.njit(cache=True)  # no fastmath: (m - r) - 0.5 must round as in PyTorch, not as m - (r + 0.5)
+def _pixel_range(centre, radius, size):
+    """``rasterize.footprint_boxes`` along one axis: the pixels [lo, hi) whose centres (i + 0.5)
+    lie within centre +- radius. ``centre`` keeps its dtype; float32 - float32 stays float32."""
+    r, half = np.float32(radius), np.float32(0.5)
+    lo = min(max(math.ceil(centre - r - half), 0), size)
+    hi = min(max(math.floor(centre + r - half) + 1, 0), size)
+    return lo, max(hi, lo)
+
+
+@numba.njit(cache=True, parallel=True)
+def _footprint_boxes(means2d, radii, width, height):
+    """(C, N, 4) int32 pixel boxes (x0, x1, y0, y1) of the projected Gaussians; (0, 0, 0, 0) where culled."""
+    n_cameras, n_gaussians = radii.shape[:2]
+    boxes = np.zeros((n_cameras, n_gaussians, 4), np.int32)
+    for job in numba.prange(n_cameras * n_gaussians):
+        c, g = divmod(np.int64(job), n_gaussians)
+        if radii[c, g, 0] > 0 and radii[c, g, 1] > 0:
+            boxes[c, g, 0], boxes[c, g, 1] = _pixel_range(means2d[c, g, 0], radii[c, g, 0], width)
+            boxes[c, g, 2], boxes[c, g, 3] = _pixel_range(means2d[c, g, 1], radii[c, g, 1], height)
+    return boxes
 
 
 @jit
@@ -435,8 +460,9 @@ class _RasterizeToPixels(torch.autograd.Function):
     forward are kept on ``ctx`` for the replay."""
 
     @staticmethod
-    def forward(ctx, means2d, conics, features, opacities, boxes, order, width, height):
-        gaussians = [numpy_of(t) for t in (means2d, conics, features, opacities, boxes)]
+    def forward(ctx, means2d, conics, features, opacities, radii, order, width, height):
+        boxes = _footprint_boxes(numpy_of(means2d), numpy_of(radii), width, height)
+        gaussians = [numpy_of(t) for t in (means2d, conics, features, opacities)] + [boxes]
         n_cameras, _, n_features = features.shape
         tiles_x = -(-width // TILE)
         n_tiles = tiles_x * -(-height // TILE)
@@ -449,8 +475,8 @@ class _RasterizeToPixels(torch.autograd.Function):
         pair_counts = np.empty(n_cameras * n_tiles, np.int64)
         _forward(*gaussians, starts, ids, tiles_x, n_tiles, _balanced_schedule(np.diff(starts)), image, final_T,
                  last_entry, contributed, pair_counts)
-        ctx.save_for_backward(means2d, conics, features, opacities, boxes)
-        ctx.tiles = (starts, ids, tiles_x, n_tiles, pair_counts, final_T, last_entry, contributed)
+        ctx.save_for_backward(means2d, conics, features, opacities)
+        ctx.tiles = (boxes, starts, ids, tiles_x, n_tiles, pair_counts, final_T, last_entry, contributed)
         alpha = torch.from_numpy(1.0 - final_T[..., None]).to(features.dtype)
         n_pairs = torch.tensor(int(pair_counts.sum()))
         ctx.mark_non_differentiable(n_pairs)
@@ -458,12 +484,12 @@ class _RasterizeToPixels(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_image, grad_alpha, _):
-        means2d, conics, features, opacities, boxes = ctx.saved_tensors
-        starts, ids, tiles_x, n_tiles, pair_counts, final_T, last_entry, contributed = ctx.tiles
+        means2d, conics, features, opacities = ctx.saved_tensors
+        boxes, starts, ids, tiles_x, n_tiles, pair_counts, final_T, last_entry, contributed = ctx.tiles
         # one gradient row per contributing entry (most entries lie behind an early stop)
         slots, n_rows = _entry_slots(contributed)
         entry_grads = np.zeros((n_rows, FEATURE_START + features.shape[-1]))
-        inputs = [numpy_of(t) for t in (means2d, conics, features, opacities, boxes)]
+        inputs = [numpy_of(t) for t in (means2d, conics, features, opacities)] + [boxes]
         _backward(*inputs, starts, ids, tiles_x, n_tiles, _balanced_schedule(pair_counts), final_T, last_entry,
                   contributed, slots, numpy_of(grad_image), numpy_of(grad_alpha), entry_grads)
         # in the caller's dtype, contiguous for the kernels upstream
@@ -482,10 +508,6 @@ def rasterize_to_pixels(means2d: torch.Tensor, conics: torch.Tensor, features: t
     Returns image (C, H, W, D), alpha (C, H, W, 1) and the number of composited (pixel,
     Gaussian) pairs.
     """
-    with torch.no_grad():
-        x0, x1, y0, y1 = footprint_boxes(means2d, radii, width, height)
-        culled = (radii <= 0).any(-1)
-        boxes = torch.stack([x0, torch.where(culled, x0, x1), y0, y1], -1).to(torch.int32)
     order = torch.from_numpy(depth_order(depths))
-    image, alpha, n_pairs = _RasterizeToPixels.apply(means2d, conics, features, opacities, boxes, order, width, height)
+    image, alpha, n_pairs = _RasterizeToPixels.apply(means2d, conics, features, opacities, radii, order, width, height)
     return image, alpha, int(n_pairs)
