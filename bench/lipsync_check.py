@@ -14,8 +14,11 @@ with a set of new voices, cut to ``--seconds``:
 Then every dub, and the real clip at the model's resolution, are measured the same way:
 FaceMesh on each frame, the mouth opening (inner-lip gap / mouth width) and the loudness
 of the frame's audio; printed are the opening's spread (std) and its correlation with
-loudness at the best lag of -2..+2 frames (positive: the mouth follows the sound), each
-also as a ratio to the real clip's. Issue 18's bar: std >= 0.8x and r >= the real clip's.
+loudness at the best lag of -2..+2 frames (positive: the mouth follows the sound), the std
+also as a ratio to the real clip's and r as a difference from it. Each r comes with its
+standard error (+-, a bootstrap over one-second blocks; for the difference, both combined):
+over a 20 s voice it is 0.02-0.07, as large as most differences between voices. Issue
+18's bar: std >= 0.8x and r >= the real clip's.
 A mouth deaf to the audio gives r near 0. Voices are made in --work (kept between runs).
 """
 
@@ -99,20 +102,14 @@ def mouth_track(video: Path, size: int, seconds: float) -> np.ndarray:
     return np.asarray(openings)
 
 
-def lip_figures(video: Path, size: int, seconds: float) -> tuple[float, float, int, int]:
-    """(opening std, correlation with loudness at the best lag, that lag, frames without a face)."""
+def lip_figures(video: Path, size: int, seconds: float) -> tuple[float, float, float, int, int]:
+    """(opening std, correlation with loudness at the best lag, its standard error, that lag,
+    frames without a face)."""
     opening = mouth_track(video, size, seconds)
-    found = ~np.isnan(opening)
     energy = lipsync.audio_energy_per_frame(decode_audio(video, SAMPLE_RATE), SAMPLE_RATE, len(opening))
-    n = len(opening)
-    best_r, best_lag = -2.0, 0
-    for lag in LAGS:
-        idx = np.arange(max(0, -lag), min(n, n - lag))
-        keep = found[idx + lag]
-        r = lipsync.pearson(opening[idx + lag][keep], energy[idx][keep])
-        if r > best_r:
-            best_r, best_lag = r, lag
-    return float(np.nanstd(opening)), best_r, best_lag, int((~found).sum())
+    r, lag = lipsync.best_lag_correlation(opening, energy, LAGS)
+    error = lipsync.correlation_standard_error(*lipsync.lagged(opening, energy, lag))
+    return float(np.nanstd(opening)), r, error, lag, int(np.isnan(opening).sum())
 
 
 def cut(source: Path, dest: Path, seconds: float) -> Path:
@@ -127,7 +124,8 @@ def main() -> None:
     parser.add_argument("--speaker", required=True, help="a trained speaker in the store")
     parser.add_argument("--real", type=Path, required=True, help="the speaker's real footage (its training clip)")
     parser.add_argument("--voice", type=Path, action="append", default=[], help="another voice to dub with")
-    parser.add_argument("--seconds", type=float, default=20.0, help="length of each dub")
+    parser.add_argument("--seconds", type=float, default=60.0,
+                        help="length of each dub (at most: a shorter voice is dubbed whole)")
     parser.add_argument("--profile", default="preview")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gstalker-lipsync"), help="voices and dubs go here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -148,12 +146,13 @@ def run(args: argparse.Namespace) -> None:
     bundle = load_speaker(open_store(cfg), args.speaker, cfg.cache_dir)
     size = bundle.manifest.resolution
     voices = make_voices(args.work / "voices", args.real, args.voice)
-    real_std, real_r, real_lag, real_missing = lip_figures(args.real, size, max(args.seconds, 60.0))
+    real_seconds = max(args.seconds, 60.0)
+    real_std, real_r, real_error, real_lag, real_missing = lip_figures(args.real, size, real_seconds)
     print(f"speaker {args.speaker} at {size} px; real clip {args.real.name}: mouth-opening std {real_std:.4f}, "
-          f"r {real_r:.3f} at lag {real_lag:+d} (first {max(args.seconds, 60.0):.0f} s, {real_missing} frames "
-          f"without a face)")
-    print(f"{'voice':38s} {'std':>7s} {'x real':>6s} {'r best':>7s} {'lag':>4s} {'r - real':>8s} {'no face':>7s} "
-          f"{'dub fps':>7s} {'lip gain':>8s}")
+          f"r {real_r:.3f} +- {real_error:.3f} at lag {real_lag:+d} (first {real_seconds:.0f} s, {real_missing} "
+          f"frames without a face)")
+    print(f"{'voice':38s} {'s':>3s} {'std':>7s} {'x real':>6s} {'r best':>7s} {'+-':>5s} {'lag':>4s} "
+          f"{'r - real':>8s} {'+-':>5s} {'no face':>7s} {'dub fps':>7s} {'lip gain':>8s}")
     for name, path in voices.items():
         stem = "".join(c if c.isalnum() else "_" for c in name)
         wav = cut(path, args.work / f"{stem}.wav", args.seconds)
@@ -161,10 +160,10 @@ def run(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         manifest = dubbing.dub(bundle, wav, video, cfg.dub)
         fps = manifest.n_frames / (time.perf_counter() - start)
-        std, r, lag, missing = lip_figures(video, size, args.seconds)
-        print(f"{name[:38]:38s} {std:7.4f} {std / real_std:6.2f} {r:7.3f} {lag:+4d} {r - real_r:+8.3f} "
-              f"{missing:7d} {fps:7.1f} {manifest.lip_gain:8.2f}")
-
+        std, r, error, lag, missing = lip_figures(video, size, args.seconds)
+        print(f"{name[:38]:38s} {manifest.audio_duration_s:3.0f} {std:7.4f} {std / real_std:6.2f} {r:7.3f} "
+              f"{error:5.3f} {lag:+4d} {r - real_r:+8.3f} {np.hypot(error, real_error):5.3f} {missing:7d} "
+              f"{fps:7.1f} {manifest.lip_gain:8.2f}")
 
 if __name__ == "__main__":
     main()

@@ -70,3 +70,33 @@ def test_silhouette_interior_leaves_out_the_edge_ring_only():
     want[3:7, 2:5] = True  # the ring's left, right and top pixels go; the bottom edge is no silhouette
     assert torch.equal(interior, want)
     assert torch.equal(silhouette_interior(person[None])[0], want)  # leading dimensions
+
+
+def test_best_lag_correlation_finds_a_mouth_that_follows_the_sound():
+    """An opening that repeats the loudness two frames later, with faces missing here and there."""
+    from gstalker_core.metrics import lipsync
+
+    rng = np.random.default_rng(0)
+    energy = np.convolve(rng.normal(size=600), np.ones(5) / 5, mode="same")
+    opening = np.roll(energy, 2) + rng.normal(0, 0.05, 600)
+    opening[[10, 200, 201, 450]] = np.nan
+    r, lag = lipsync.best_lag_correlation(opening, energy)
+    assert lag == 2 and r > 0.9
+    follows, sound = lipsync.lagged(opening, energy, 2)
+    assert len(follows) == 598 - 4 and not np.isnan(follows).any()
+
+
+def test_correlation_standard_error_grows_with_the_series_memory():
+    """Independent frames: about 1/sqrt(n). Series that move slowly (one-second smoothing, as a
+    mouth and speech do) hold fewer independent samples, and the block bootstrap says so."""
+    from gstalker_core.metrics import lipsync
+
+    rng = np.random.default_rng(1)
+    n = 1500
+    independent = lipsync.correlation_standard_error(rng.normal(size=n), rng.normal(size=n))
+    assert 0.7 / np.sqrt(n) < independent < 1.3 / np.sqrt(n)
+    smooth = np.ones(25) / 25
+    slow = lipsync.correlation_standard_error(np.convolve(rng.normal(size=n), smooth, mode="same"),
+                                              np.convolve(rng.normal(size=n), smooth, mode="same"))
+    assert slow > 2 * independent
+    assert np.isnan(lipsync.correlation_standard_error(np.arange(10.0), np.arange(10.0)))

@@ -43,6 +43,37 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denom) if denom > 1e-12 else 0.0
 
 
+def lagged(opening: np.ndarray, energy: np.ndarray, lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (opening at frame t + lag, energy at t) where a face was found (opening not NaN);
+    positive lags: the mouth follows the sound that many frames later."""
+    n = min(len(opening), len(energy))
+    idx = np.arange(max(0, -lag), min(n, n - lag))
+    a, b = np.asarray(opening, np.float64)[idx + lag], np.asarray(energy, np.float64)[idx]
+    keep = ~np.isnan(a)
+    return a[keep], b[keep]
+
+
+def best_lag_correlation(opening: np.ndarray, energy: np.ndarray, lags: tuple[int, ...] = (-2, -1, 0, 1, 2)
+                         ) -> tuple[float, int]:
+    """The mouth opening's correlation with loudness at the lag (of ``lags``) where it is highest, and that lag."""
+    return max((pearson(*lagged(opening, energy, lag)), lag) for lag in lags)
+
+
+def correlation_standard_error(a: np.ndarray, b: np.ndarray, block: int = 25, rounds: int = 1000,
+                               seed: int = 0) -> float:
+    """Standard error of ``pearson(a, b)`` by a moving-block bootstrap: resampled series made of
+    random runs of ``block`` consecutive pairs (25 frames: one second). Neighbouring frames of a
+    mouth and of speech are far from independent, so a pair-by-pair bootstrap (or 1/sqrt(n))
+    would claim a precision that a 20 s dub does not have."""
+    n = len(a)
+    if n < 2 * block:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n - block + 1, size=(rounds, -(-n // block)))
+    picks = (starts[:, :, None] + np.arange(block)).reshape(rounds, -1)[:, :n]
+    return float(np.std([pearson(a[p], b[p]) for p in picks]))
+
+
 def audio_energy_per_frame(samples: np.ndarray, sample_rate: int, n_frames: int, fps: int = 25) -> np.ndarray:
     """RMS loudness (dB) of the audio under each video frame."""
     per_frame = sample_rate // fps
