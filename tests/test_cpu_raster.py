@@ -223,7 +223,7 @@ def test_depth_order_is_a_stable_sort():
 
 def test_footprint_boxes_match_the_reference():
     """The numba boxes equal ``footprint_boxes`` in float32 and float64, centres on and beside the
-    pixel-centre boundaries included; culled Gaussians get an empty box."""
+    pixel-centre boundaries and radii past 2^24 included; culled Gaussians get an empty box."""
     from gstalker_core.render.cpu_tiles import _footprint_boxes
     from gstalker_core.render.rasterize import footprint_boxes
 
@@ -234,7 +234,12 @@ def test_footprint_boxes_match_the_reference():
         beside = on_boundaries + torch.randn(2, 3000, 2, generator=g, dtype=dtype) * 1e-6
         means2d = torch.cat([on_boundaries, beside, torch.rand(2, 3000, 2, generator=g, dtype=dtype) * 80 - 20], 1)
         radii = torch.randint(0, 12, means2d.shape, generator=g)
-        boxes = torch.from_numpy(_footprint_boxes(means2d.numpy(), radii.numpy(), width, height))
+        # radii beyond float32's integers, centres as far off screen, so the boxes' far edges land
+        # inside: the radii must be converted in the means' dtype, as torch does
+        radii[:, :500] += 2 ** 24 + 1
+        means2d[:, :500] -= 2 ** 24
+        boxes = torch.from_numpy(_footprint_boxes(means2d.numpy(), radii.numpy().astype(means2d.numpy().dtype),
+                                                  width, height))
         x0, x1, y0, y1 = footprint_boxes(means2d, radii, width, height)
         listed = (radii > 0).all(-1)
         assert torch.equal(boxes[listed], torch.stack([x0, x1, y0, y1], -1)[listed].int())

@@ -55,8 +55,11 @@ def lagged(opening: np.ndarray, energy: np.ndarray, lag: int) -> tuple[np.ndarra
 
 def best_lag_correlation(opening: np.ndarray, energy: np.ndarray, lags: tuple[int, ...] = (-2, -1, 0, 1, 2)
                          ) -> tuple[float, int]:
-    """The mouth opening's correlation with loudness at the lag (of ``lags``) where it is highest, and that lag."""
-    return max((pearson(*lagged(opening, energy, lag)), lag) for lag in lags)
+    """The mouth opening's correlation with loudness at the lag (of ``lags``) where it is highest, and
+    that lag (the first of ``lags`` on a tie: with no face found every r is 0)."""
+    by_lag = {lag: pearson(*lagged(opening, energy, lag)) for lag in lags}
+    best = max(lags, key=by_lag.__getitem__)
+    return by_lag[best], best
 
 
 def correlation_standard_error(a: np.ndarray, b: np.ndarray, block: int = 25, rounds: int = 1000,

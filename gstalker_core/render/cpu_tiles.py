@@ -59,16 +59,18 @@ MEAN_COL, CONIC_COL, OPACITY_COL, FEATURE_START = 0, 2, 5, 6
 @numba.njit(cache=True)  # no fastmath: (m - r) - 0.5 must round as in PyTorch, not as m - (r + 0.5)
 def _pixel_range(centre, radius, size):
     """``rasterize.footprint_boxes`` along one axis: the pixels [lo, hi) whose centres (i + 0.5)
-    lie within centre +- radius. ``centre`` keeps its dtype; float32 - float32 stays float32."""
-    r, half = np.float32(radius), np.float32(0.5)
-    lo = min(max(math.ceil(centre - r - half), 0), size)
-    hi = min(max(math.floor(centre + r - half) + 1, 0), size)
+    lie within centre +- radius, both in the means' dtype (float32 - float32 stays float32; 0.5 is
+    exact in either)."""
+    half = np.float32(0.5)
+    lo = min(max(math.ceil(centre - radius - half), 0), size)
+    hi = min(max(math.floor(centre + radius - half) + 1, 0), size)
     return lo, max(hi, lo)
 
 
 @numba.njit(cache=True, parallel=True)
 def _footprint_boxes(means2d, radii, width, height):
-    """(C, N, 4) int32 pixel boxes (x0, x1, y0, y1) of the projected Gaussians; (0, 0, 0, 0) where culled."""
+    """(C, N, 4) int32 pixel boxes (x0, x1, y0, y1) of the projected Gaussians; (0, 0, 0, 0) where
+    culled. ``radii`` in the means' dtype, as PyTorch converts them when it subtracts."""
     n_cameras, n_gaussians = radii.shape[:2]
     boxes = np.zeros((n_cameras, n_gaussians, 4), np.int32)
     for job in numba.prange(n_cameras * n_gaussians):
@@ -461,7 +463,8 @@ class _RasterizeToPixels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, means2d, conics, features, opacities, radii, order, width, height):
-        boxes = _footprint_boxes(numpy_of(means2d), numpy_of(radii), width, height)
+        means = numpy_of(means2d)
+        boxes = _footprint_boxes(means, numpy_of(radii).astype(means.dtype), width, height)
         gaussians = [numpy_of(t) for t in (means2d, conics, features, opacities)] + [boxes]
         n_cameras, _, n_features = features.shape
         tiles_x = -(-width // TILE)
