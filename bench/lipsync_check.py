@@ -15,11 +15,12 @@ Then every dub, and the real clip at the model's resolution, are measured the sa
 FaceMesh on each frame, the mouth opening (inner-lip gap / mouth width) and the loudness
 of the frame's audio; printed are each dub's length (s), the opening's spread (std) and
 its correlation with loudness at the best lag of -2..+2 frames (positive: the mouth follows
-the sound), the std also as a ratio to the real clip's and r as a difference from it. Each r comes with its
-standard error (+-, a bootstrap over one-second blocks; for the difference, both combined):
-over a 20 s voice it is 0.02-0.07, as large as most differences between voices. Issue
-18's bar: std >= 0.8x and r >= the real clip's. (The error is taken at the chosen lag; the
-best of five lags is itself a little optimistic, for the real clip as for the dubs.)
+the sound), the std also as a ratio to the real clip's and r as a difference from it. Each
+r comes with its standard error (+-, a bootstrap over one-second blocks; for the
+difference, both combined): over a 20 s voice it is 0.02-0.07, as large as most
+differences between voices. Issue 18's bar: std >= 0.8x and r >= the real clip's. (The
+error is taken at the chosen lag; the best of five lags is itself a little optimistic, for
+the real clip as for the dubs.)
 A mouth deaf to the audio gives r near 0. Voices are made in --work (kept between runs).
 """
 

@@ -238,8 +238,7 @@ def test_footprint_boxes_match_the_reference():
         # inside: the radii must be converted in the means' dtype, as torch does
         radii[:, :500] += 2 ** 24 + 1
         means2d[:, :500] -= 2 ** 24
-        boxes = torch.from_numpy(_footprint_boxes(means2d.numpy(), radii.numpy().astype(means2d.numpy().dtype),
-                                                  width, height))
+        boxes = torch.from_numpy(_footprint_boxes(means2d.numpy(), radii.numpy(), width, height))
         x0, x1, y0, y1 = footprint_boxes(means2d, radii, width, height)
         listed = (radii > 0).all(-1)
         assert torch.equal(boxes[listed], torch.stack([x0, x1, y0, y1], -1)[listed].int())

@@ -68,9 +68,7 @@ def _pixel_range(centre, radius, size):
 
 
 @numba.njit(cache=True, parallel=True)
-def _footprint_boxes(means2d, radii, width, height):
-    """(C, N, 4) int32 pixel boxes (x0, x1, y0, y1) of the projected Gaussians; (0, 0, 0, 0) where
-    culled. ``radii`` in the means' dtype, as PyTorch converts them when it subtracts."""
+def _boxes_kernel(means2d, radii, width, height):
     n_cameras, n_gaussians = radii.shape[:2]
     boxes = np.zeros((n_cameras, n_gaussians, 4), np.int32)
     for job in numba.prange(n_cameras * n_gaussians):
@@ -79,6 +77,12 @@ def _footprint_boxes(means2d, radii, width, height):
             boxes[c, g, 0], boxes[c, g, 1] = _pixel_range(means2d[c, g, 0], radii[c, g, 0], width)
             boxes[c, g, 2], boxes[c, g, 3] = _pixel_range(means2d[c, g, 1], radii[c, g, 1], height)
     return boxes
+
+
+def _footprint_boxes(means2d: np.ndarray, radii: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(C, N, 4) int32 pixel boxes (x0, x1, y0, y1) of the projected Gaussians; (0, 0, 0, 0) where
+    culled. The radii are converted to the means' dtype, as PyTorch converts them when it subtracts."""
+    return _boxes_kernel(means2d, radii.astype(means2d.dtype), width, height)
 
 
 @jit
@@ -463,13 +467,13 @@ class _RasterizeToPixels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, means2d, conics, features, opacities, radii, order, width, height):
-        means = numpy_of(means2d)
-        boxes = _footprint_boxes(means, numpy_of(radii).astype(means.dtype), width, height)
-        gaussians = [numpy_of(t) for t in (means2d, conics, features, opacities)] + [boxes]
+        gaussians = [numpy_of(t) for t in (means2d, conics, features, opacities)]
+        boxes = _footprint_boxes(gaussians[0], numpy_of(radii), width, height)
+        gaussians.append(boxes)
         n_cameras, _, n_features = features.shape
         tiles_x = -(-width // TILE)
         n_tiles = tiles_x * -(-height // TILE)
-        starts, ids = _bin_gaussians(gaussians[-1], numpy_of(order), tiles_x, n_tiles, 4 * numba.get_num_threads())
+        starts, ids = _bin_gaussians(boxes, numpy_of(order), tiles_x, n_tiles, 4 * numba.get_num_threads())
         # every pixel belongs to one tile, which writes all three
         image = np.empty((n_cameras, height, width, n_features), gaussians[2].dtype)
         final_T = np.empty((n_cameras, height, width))
