@@ -304,7 +304,7 @@ def static_step(sp: Speaker, head: GaussianModel, torso: GaussianModel) -> Calla
 def talking_head(sp: Speaker, head: GaussianModel, torso: GaussianModel) -> TalkingHead:
     """A model of the profile's size over these Gaussians, set up as ``train_deform.run`` does."""
     cfg, train = sp.cfg, sp.train
-    model = TalkingHead(cfg.deform.resolved(), head, torso, sp.spec.n_features, cfg.audio.step_window,
+    model = TalkingHead(cfg.deform.resolved(), head, torso, sp.spec.width, cfg.audio.step_window,
                         torch.from_numpy(train.arrays.viewmats[train.indices]))
     model.audio_encoder.set_feature_stats(sp.features[: 2 * len(train.indices)])
     return model.to(sp.device)

@@ -1,5 +1,10 @@
 """Audio features: librosa log-mel (or MFCC) at 50 Hz, two steps per 25 fps video frame.
 
+Log-mel's columns are the ``n_features`` mel bands, then (``audio.loudness``) the step's
+loudness: the dB of the bands' mean power, gated and normalised per utterance as the bands are.
+The bands carry a voice's timbre; the loudness is the cue every voice shares, and training's
+frequency masks never hide it, so the lips learn to lean on it (``FrameSource.draw_hidden_bands``).
+
 Alignment: step j covers [20j, 20j+20) ms and is centred at 20j+10 ms, so video frame i
 (covering [40i, 40i+40) ms) owns steps 2i and 2i+1. The temporal-smoothing module sees,
 for frame i, a window of ``step_window`` steps centred on the frame's own two steps.
@@ -32,7 +37,7 @@ from .errors import InputError
 from .storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
 
 STAGE = "audio"
-CODE_VERSION = "3"  # 2: per-utterance normalisation, pitch-shifted training versions; 3: noise gate
+CODE_VERSION = "4"  # 2: per-utterance normalisation, pitch-shifted training versions; 3: noise gate; 4: loudness column
 AUGMENTED = "augmented.npy"
 STEPS_PER_SECOND = 50
 STEPS_PER_FRAME = 2
@@ -63,8 +68,14 @@ class AudioFeatureSpec(BaseModel):
     fmax: float
     steps_per_frame: int = STEPS_PER_FRAME
     normalise: str = "none"  # stores from before normalisation was offered lack it
+    loudness: bool = False  # one more column after the bands: the step's loudness (stores from before lack it)
     # a speech model's type and files digest (speech_features); empty, and left out of the dump, for librosa's
     model: str = Field(default="", exclude_if=lambda v: not v)
+
+    @property
+    def width(self) -> int:
+        """Columns of the features: the bands (or coefficients), then the loudness where there is one."""
+        return self.n_features + int(self.loudness)
 
 
 class AudioFeaturesMeta(BaseModel):
@@ -83,7 +94,7 @@ def spec_for(cfg: AudioConfig, sample_rate: int) -> AudioFeatureSpec:
     return AudioFeatureSpec(
         extractor="librosa", extractor_version=librosa.__version__, kind=cfg.kind, n_features=cfg.n_features,
         sample_rate=sample_rate, hop_length=sample_rate // STEPS_PER_SECOND, n_fft=cfg.n_fft, fmin=cfg.fmin,
-        fmax=min(cfg.fmax, sample_rate / 2), normalise=cfg.normalise,
+        fmax=min(cfg.fmax, sample_rate / 2), normalise=cfg.normalise, loudness=cfg.loudness,
     )
 
 
@@ -205,7 +216,7 @@ def loudness_gain(signal: Signal) -> float:
 
 
 def _piece_features(piece: np.ndarray, spec: AudioFeatureSpec) -> np.ndarray:
-    """[steps, n_features] of a piece holding exactly those steps' STFT frames."""
+    """[steps, spec.width] of a piece holding exactly those steps' STFT frames."""
     mel = librosa.feature.melspectrogram(y=piece, sr=spec.sample_rate, n_fft=spec.n_fft, hop_length=spec.hop_length,
                                          n_mels=spec.n_features if spec.kind == "logmel" else 80,
                                          fmin=spec.fmin, fmax=spec.fmax, center=False)
@@ -213,12 +224,14 @@ def _piece_features(piece: np.ndarray, spec: AudioFeatureSpec) -> np.ndarray:
     # in training clips and in dubbing audio.
     logmel = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
     feats = logmel if spec.kind == "logmel" else librosa.feature.mfcc(S=logmel, n_mfcc=spec.n_features)
+    if spec.loudness:  # the bands' mean power: never above the loudest band, so the noise gate's peak stays a band's
+        feats = np.vstack([feats, librosa.power_to_db(mel.mean(axis=0), ref=1.0, amin=1e-10, top_db=None)])
     return feats.T
 
 
 def compute_features(samples: np.ndarray | Signal, spec: AudioFeatureSpec, n_frames: int | None = None,
                      chunk_steps: int = CHUNK_STEPS, model_dir: str = "", device: str = "cpu") -> np.ndarray:
-    """[n_steps, n_features] float32 features of mono ``samples`` at ``spec.sample_rate``, loudness-normalised.
+    """[n_steps, spec.width] float32 features of mono ``samples`` at ``spec.sample_rate``, loudness-normalised.
 
     ``n_steps`` is ``2 * n_frames`` when given (the video's length rules), else
     ``ceil(duration * 25) * 2`` so that every started video frame has its two steps.
@@ -237,7 +250,7 @@ def compute_features(samples: np.ndarray | Signal, spec: AudioFeatureSpec, n_fra
     gain = loudness_gain(signal)
     # librosa centres frame j at sample j*hop; dropping hop/2 samples centres it at (j+0.5)*hop.
     framing = _Framing(spec.n_fft, hop, lead=spec.n_fft // 2, skip=hop // 2)
-    feats = np.empty((n_steps, spec.n_features), np.float32)
+    feats = np.empty((n_steps, spec.width), np.float32)
     for first, piece in zip(range(0, n_steps, chunk_steps), _frame_pieces(signal, framing, n_steps, chunk_steps)):
         feats[first:first + chunk_steps] = _piece_features(piece * gain, spec)
     if spec.normalise == "utterance":

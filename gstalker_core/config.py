@@ -84,6 +84,10 @@ class AudioConfig(Section):
         default="utterance", description="log-mel only: per-utterance mean/variance normalisation of each band "
         "over the speech: removes the voice's and microphone's long-term spectrum, keeps what changes with the "
         "mouth (speech_model features are used as the model gives them)")
+    loudness: bool = Field(
+        default=True, description="log-mel only: one more feature, the step's loudness (dB of its mel power), gated "
+        "and normalised per utterance as the bands are; frequency masks never hide it: it is the cue every voice "
+        "shares, and the mouth opens with it")
     augment_semitones: list[float] = Field(
         default=[-4.0, -2.0, 2.0, 4.0], description="pitch shifts of the training audio (resampling shifts the "
         "formants too, like another vocal tract); training draws one of them for half of its frames so that the "
@@ -99,8 +103,9 @@ class AudioConfig(Section):
     @model_validator(mode="after")
     def _normalise_reads_decibels(self) -> "AudioConfig":
         # the noise gate and the choice of speech steps read log-mel levels in dB, which MFCCs are not
-        if self.kind == "mfcc" and self.normalise == "utterance":
-            raise ValueError("normalise=utterance works on log-mel levels; with kind=mfcc set normalise=none")
+        if self.kind == "mfcc" and (self.normalise == "utterance" or self.loudness):
+            raise ValueError("normalise=utterance and loudness work on log-mel levels; with kind=mfcc set "
+                             "normalise=none and loudness=false")
         return self
 
 

@@ -85,7 +85,8 @@ def installed_spec(spec: AudioFeatureSpec, speech_model_dir: str = "") -> AudioF
     if spec.kind == SPEECH_MODEL:
         return spec_for(AudioConfig(kind=spec.kind, model_dir=speech_model_dir), spec.sample_rate)
     return spec_for(AudioConfig(kind=spec.kind, n_features=spec.n_features, n_fft=spec.n_fft, fmin=spec.fmin,
-                                fmax=spec.fmax, normalise=spec.normalise), spec.sample_rate)
+                                fmax=spec.fmax, normalise=spec.normalise, loudness=spec.loudness),
+                    spec.sample_rate)
 
 
 def dub_audio(bundle: Bundle, audio_path: Path, cfg: DubConfig, scratch: Path, speech_model_dir: str = ""

@@ -18,9 +18,10 @@ interpolated linearly onto the pipeline's 50 Hz steps, each step taken at its ce
 (``audio``: step j is centred at 20j+10 ms), each model frame at the centre of its receptive
 field. Loudness: the audio gets log-mel's loudness normalisation, then the model's own
 zero-mean, unit-variance normalisation when its feature extractor asks for it, over the
-whole utterance; ``audio.normalise`` (log-mel's per-band normalisation) does not apply, and the
-spec says ``normalise="none"``. ``audio.augment_semitones`` runs the model on each pitch-shifted
-version of the training audio as it runs librosa for log-mel. Memory: the audio is read in chunks of ``CHUNK_SECONDS`` with
+whole utterance; ``audio.normalise`` (log-mel's per-band normalisation) and ``audio.loudness``
+(log-mel's loudness column) do not apply, and the spec says ``normalise="none"``,
+``loudness=False``. ``audio.augment_semitones`` runs the model on each pitch-shifted version of
+the training audio as it runs librosa for log-mel. Memory: the audio is read in chunks of ``CHUNK_SECONDS`` with
 ``CONTEXT_SECONDS`` more on each side, whose frames are dropped: the model never sees more
 than a chunk, whatever the length.
 

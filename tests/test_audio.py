@@ -20,8 +20,8 @@ def tone_burst(start_s: float, total_s: float = 2.0, freq: float = 1000.0) -> np
 
 @pytest.fixture
 def spec():
-    """Raw log-mel in dB (no per-utterance normalisation), whose levels these tests read."""
-    return audio.spec_for(AudioConfig(n_features=40, normalise="none"), SR)
+    """Raw log-mel bands in dB (no per-utterance normalisation, no loudness column), whose levels these tests read."""
+    return audio.spec_for(AudioConfig(n_features=40, normalise="none", loudness=False), SR)
 
 
 def test_steps_are_50hz_and_two_per_video_frame(spec):
@@ -54,8 +54,22 @@ def test_silence_gives_finite_features(spec):
 
 
 def test_mfcc_kind(spec):
-    mfcc_spec = audio.spec_for(AudioConfig(kind="mfcc", n_features=13, normalise="none"), SR)
+    mfcc_spec = audio.spec_for(AudioConfig(kind="mfcc", n_features=13, normalise="none", loudness=False), SR)
     assert audio.compute_features(tone_burst(0.5), mfcc_spec, n_frames=50).shape == (100, 13)
+
+
+def test_loudness_column_is_the_bands_mean_power():
+    """The column after the bands is the step's loudness: the dB of its bands' mean power, so it
+    rises with the tone's onset on the owning frame and never exceeds the loudest band."""
+    spec = audio.spec_for(AudioConfig(n_features=40, normalise="none"), SR)
+    assert spec.loudness and spec.width == 41
+    feats = audio.compute_features(tone_burst(1.0), spec, n_frames=50)
+    bands, loudness = feats[:, :40], feats[:, 40]
+    assert feats.shape == (100, 41)
+    np.testing.assert_allclose(loudness, 10 * np.log10(np.mean(10 ** (bands.astype(np.float64) / 10), axis=1)),
+                               atol=1e-3)
+    assert (loudness <= bands.max(axis=1) + 1e-4).all()
+    assert loudness[55:].mean() - loudness[:45].mean() > 20 and loudness[52] > loudness[48] + 20
 
 
 def test_frame_window_is_centred_on_the_frames_own_steps():
@@ -92,6 +106,8 @@ def _whole_signal_features(samples: np.ndarray, spec: audio.AudioFeatureSpec, n_
                                          fmin=spec.fmin, fmax=spec.fmax, center=True)
     logmel = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
     feats = logmel if spec.kind == "logmel" else librosa.feature.mfcc(S=logmel, n_mfcc=spec.n_features)
+    if spec.loudness:
+        feats = np.vstack([feats, librosa.power_to_db(mel.mean(axis=0), ref=1.0, amin=1e-10, top_db=None)])
     return feats.T[:n_steps]
 
 
@@ -102,7 +118,8 @@ ATOL, RTOL = 1e-4, 1e-6
 
 
 @pytest.mark.parametrize("cfg", [AudioConfig(normalise="none"),
-                                 AudioConfig(kind="mfcc", n_features=13, n_fft=256, normalise="none")],
+                                 AudioConfig(kind="mfcc", n_features=13, n_fft=256, normalise="none",
+                                             loudness=False)],
                          ids=["logmel-nfft800", "mfcc-nfft-below-hop"])
 @pytest.mark.parametrize("chunk_steps, block", [(37, 1000), (1, 4099), (audio.CHUNK_STEPS, audio.BLOCK_SAMPLES)])
 def test_chunked_features_equal_whole_signal_features(shared_data, cfg, chunk_steps, block):

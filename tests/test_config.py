@@ -16,7 +16,7 @@ def test_precedence_profile_file_env_cli(tmp_path):
     f = tmp_path / "mine.yaml"
     f.write_text("ingest:\n  resolution: 128\n  detect_every: 3\naudio:\n  n_features: 64\n")
     env = {"GSTALKER_INGEST__RESOLUTION": "96", "GSTALKER_AUDIO__KIND": "mfcc", "GSTALKER_AUDIO__NORMALISE": "none",
-           "UNRELATED": "x"}
+           "GSTALKER_AUDIO__LOUDNESS": "false", "UNRELATED": "x"}
     cfg = load_config("preview", config_file=f, overrides=["ingest.resolution=200"], environ=env)
     assert cfg.ingest.resolution == 200  # CLI beats env beats file beats profile
     assert cfg.ingest.detect_every == 3 and cfg.audio.n_features == 64 and cfg.audio.kind == "mfcc"
@@ -25,7 +25,7 @@ def test_precedence_profile_file_env_cli(tmp_path):
 def test_utterance_normalisation_of_mfcc_is_refused():
     with pytest.raises(ConfigError) as err:
         load_config("preview", overrides=["audio.kind=mfcc"], environ={})
-    assert "audio" in str(err.value) and "normalise=none" in str(err.value)
+    assert "audio" in str(err.value) and "normalise=none and loudness=false" in str(err.value)
 
 
 def test_invalid_value_names_field_and_allowed_values():

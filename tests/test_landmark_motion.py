@@ -146,3 +146,17 @@ def test_frequency_masks_hide_bands_of_the_chosen_frames_only():
     masked = source.conditions(model, frames, voices=voices, hidden_bands=hidden).audio
     where = torch.from_numpy(hidden)[:, None, None, :].expand_as(masked)
     assert (masked[where] == 0).all() and torch.equal(masked[~where], plain[~where])
+
+
+def test_frequency_masks_never_hide_the_loudness_column():
+    """The features' last column (the loudness, after the spec's n_features bands) stays: masks
+    reach every band, the first and the last included, and never past them."""
+    rng = np.random.default_rng(3)
+    n, n_bands = 40, 20
+    features = rng.normal(size=(2 * n, n_bands + 1)).astype(np.float32)
+    source = FrameSource.build(_viewmats(n, rng).astype(np.float32), np.zeros(n, np.float32), K.astype(np.float32),
+                               np.zeros((8, 8, 3), np.uint8), torch.device("cpu"), features, maskable_bands=n_bands)
+    hidden = source.draw_hidden_bands(rng, np.ones(2000, bool), n_masks=2, share=0.5)
+    assert hidden.shape == (2000, n_bands + 1) and not hidden[:, n_bands].any()
+    assert hidden[:, 0].any() and hidden[:, n_bands - 1].any()
+    assert hidden.sum(axis=1).max() <= 2 * 10  # two runs of at most half of the 20 bands

@@ -44,18 +44,22 @@ class FrameSource:
     torso_shift: torch.Tensor | None
     features: np.ndarray | None  # (steps, n_features) audio features, 2 steps per frame; None: no audio
     augmented: np.ndarray | None = None  # (V, steps, n_features) pitch-shifted versions of the training audio
+    maskable_bands: int | None = None  # the leading feature columns frequency masks may hide (None: all)
 
     @classmethod
     def build(cls, viewmats: np.ndarray, blink: np.ndarray, K: np.ndarray, plate: np.ndarray,
               device: torch.device, features: np.ndarray | None = None,
-              augmented: np.ndarray | None = None, torso_shift: np.ndarray | None = None) -> "FrameSource":
+              augmented: np.ndarray | None = None, torso_shift: np.ndarray | None = None,
+              maskable_bands: int | None = None) -> "FrameSource":
         """``torso_shift``: (T, 2) per pose-track frame; none (or all zero): the torso never moves,
-        and its one image serves every frame."""
+        and its one image serves every frame. ``maskable_bands``: the spectral bands among the
+        feature columns (the spec's ``n_features``; its loudness column follows them)."""
         moves = torso_shift is not None and bool(np.any(torso_shift))
         return cls(viewmats=to_device(viewmats, device, torch.float32),
                    eye=to_device(eye_openness(blink), device, torch.float32), K=to_device(K, device, torch.float32),
                    plate=to_device(plate, device, torch.float32) / 255.0, plate_rgb=plate,
-                   torso_shift=to_device(torso_shift, device, torch.float32) if moves else None, features=features, augmented=augmented)
+                   torso_shift=to_device(torso_shift, device, torch.float32) if moves else None, features=features,
+                   augmented=augmented, maskable_bands=maskable_bands)
 
     def draw_voices(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
         """For ``n`` training frames, which version of their audio to hear: 0 the original (half
@@ -75,14 +79,14 @@ class FrameSource:
         choice (``train_deform``)."""
         if masked is None or n_masks == 0:
             return None
-        n_features = self.features.shape[1]
-        max_width = round(share * n_features)
+        n_bands = self.features.shape[1] if self.maskable_bands is None else self.maskable_bands
+        max_width = round(share * n_bands)
         if max_width == 0:
             return None
         widths = rng.integers(0, max_width + 1, (len(masked), n_masks))
-        starts = rng.integers(0, n_features - widths + 1)
-        bands = np.arange(n_features)
-        hidden = ((bands >= starts[..., None]) & (bands < (starts + widths)[..., None])).any(axis=1)
+        starts = rng.integers(0, n_bands - widths + 1)
+        columns = np.arange(self.features.shape[1])  # a column past the bands (the loudness) is never hidden
+        hidden = ((columns >= starts[..., None]) & (columns < (starts + widths)[..., None])).any(axis=1)
         return hidden & np.asarray(masked, bool)[:, None]
 
     @property

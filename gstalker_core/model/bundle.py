@@ -100,7 +100,7 @@ def load_bundle(folder: Path) -> Bundle:
                          "retrain the speaker") from None
     tracks = np.load(folder / TRACKS)
     head, torso = GaussianModel.load(folder / HEAD), GaussianModel.load(folder / TORSO)
-    model = TalkingHead(manifest.deform, head, torso, manifest.audio_spec.n_features, manifest.step_window,
+    model = TalkingHead(manifest.deform, head, torso, manifest.audio_spec.width, manifest.step_window,
                         torch.from_numpy(tracks["viewmats"]))
     missing, unexpected = model.load_state_dict(load_file(str(folder / NETWORKS)), strict=False)
     missing = [k for k in missing if not k.startswith(("head.", "torso."))]  # loaded from their own files

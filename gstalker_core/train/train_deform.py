@@ -256,11 +256,12 @@ def run(store: ArtifactStore, ingest_run: StageManifest, track_run: StageManifes
         torso = GaussianModel.load(fetch_part(store, static_run, TORSO, cfg.cache_dir))
         viewmats = train.arrays.viewmats[train.indices]
         device = configure(cfg.runtime)
-        model = TalkingHead(cfg.deform.resolved(), head, torso, spec.n_features, cfg.audio.step_window,
+        model = TalkingHead(cfg.deform.resolved(), head, torso, spec.width, cfg.audio.step_window,
                             torch.from_numpy(viewmats))
         model.audio_encoder.set_feature_stats(features[: 2 * len(train.indices)])
         a = train.arrays
-        source = FrameSource.build(a.viewmats, a.blink, a.K, plate, device, features, augmented, a.torso_shift)
+        source = FrameSource.build(a.viewmats, a.blink, a.K, plate, device, features, augmented, a.torso_shift,
+                                   maskable_bands=spec.n_features)
         report = train_deformation(model.to(device), train, source, cfg.train, checkpoints, progress)
         gain = (lip_gain.calibrate(model, train, source, cfg.track, cfg.train.lip_gain_frames, cfg.train.lip_gain_max,
                                    cfg.runtime.batch_frames) if cfg.train.lip_gain_frames else None)
