@@ -60,8 +60,8 @@ def synthetic_bundle(profile: str, n_gaussians: int) -> Bundle:
     viewmats = np.tile(np.eye(4, dtype=np.float32), (n_train, 1, 1))
     viewmats[:, 2, 3] = 0.6
     viewmats[:, 0, 3] = 0.01 * np.sin(np.arange(n_train) / 20)
-    model = TalkingHead(cfg.deform, head, torso, cfg.audio.n_features, cfg.audio.step_window, torch.from_numpy(viewmats))
     spec = spec_for(cfg.audio, cfg.ingest.audio_sample_rate)
+    model = TalkingHead(cfg.deform, head, torso, spec.width, cfg.audio.step_window, torch.from_numpy(viewmats))
     manifest = BundleManifest(format_version=FORMAT_VERSION, gstalker_version=__version__, resolution=size, fps=25,
                               audio_spec=spec, step_window=cfg.audio.step_window, deform=cfg.deform,
                               n_train_frames=n_train, sources={})

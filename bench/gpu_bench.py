@@ -158,11 +158,12 @@ def open_speaker(payload_dir: Path, device: str, workdir: Path) -> Speaker:
                                   seed=cfg.static.seed)
     plate = static_fit.read_plate(store, runs["track"], cfg.cache_dir)
     features = audio.load_features(store, runs["audio"], cfg.cache_dir)
+    spec = audio.AudioFeaturesMeta.model_validate(runs["audio"].meta).spec
     a = train.arrays
     return Speaker(payload, overrides, cfg, store, runs["ingest"], runs["track"], runs["audio"], torch_device, train,
-                   plate, features, audio.AudioFeaturesMeta.model_validate(runs["audio"].meta).spec,
+                   plate, features, spec,
                    FrameSource.build(a.viewmats, a.blink, a.K, plate, torch_device, features,
-                                     torso_shift=a.torso_shift))
+                                     torso_shift=a.torso_shift, maskable_bands=spec.n_features))
 
 
 # -- the run's state, shared by the sections -----------------------------------------------

@@ -277,7 +277,7 @@ def normalise_utterance(feats: np.ndarray) -> np.ndarray:
 
 def pitch_shifted_features(samples: np.ndarray, spec: AudioFeatureSpec, n_frames: int,
                            semitones: list[float], model_dir: str = "", device: str = "cpu") -> np.ndarray:
-    """(len(semitones), steps, n_features): ``compute_features`` of the audio shifted by each
+    """(len(semitones), steps, spec.width): ``compute_features`` of the audio shifted by each
     number of semitones, frame-aligned with the original (librosa's shift keeps the duration)."""
     return np.stack([compute_features(librosa.effects.pitch_shift(samples, sr=spec.sample_rate, n_steps=shift),
                                       spec, n_frames=n_frames, model_dir=model_dir, device=device)
@@ -285,7 +285,7 @@ def pitch_shifted_features(samples: np.ndarray, spec: AudioFeatureSpec, n_frames
 
 
 def frame_windows(features: np.ndarray, frame_indices: np.ndarray | list[int], step_window: int) -> np.ndarray:
-    """[len(frame_indices), step_window, n_features]: each frame's steps window, edge-padded."""
+    """[len(frame_indices), step_window, width]: each frame's steps window, edge-padded."""
     frames = np.asarray(frame_indices, dtype=np.int64)
     half = step_window // 2
     # steps 2i-(half-1) .. 2i+1+(half-1): the frame's own steps 2i, 2i+1 sit in the middle
@@ -342,7 +342,7 @@ def load_features(store: ArtifactStore, audio_run: StageManifest, cache_dir: Pat
 
 
 def load_augmented(store: ArtifactStore, audio_run: StageManifest, cache_dir: Path) -> np.ndarray | None:
-    """The stored pitch-shifted versions (V, steps, n_features), or None where there are none."""
+    """The stored pitch-shifted versions (V, steps, spec width), or None where there are none."""
     if not AudioFeaturesMeta.model_validate(audio_run.meta).augment_semitones:
         return None
     return np.load(fetch_part(store, audio_run, AUGMENTED, cache_dir))

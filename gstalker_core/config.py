@@ -102,10 +102,14 @@ class AudioConfig(Section):
 
     @model_validator(mode="after")
     def _normalise_reads_decibels(self) -> "AudioConfig":
-        # the noise gate and the choice of speech steps read log-mel levels in dB, which MFCCs are not
-        if self.kind == "mfcc" and (self.normalise == "utterance" or self.loudness):
-            raise ValueError("normalise=utterance and loudness work on log-mel levels; with kind=mfcc set "
-                             "normalise=none and loudness=false")
+        # the noise gate, the choice of speech steps and the loudness column read log-mel levels in
+        # dB (and the bands' power), which MFCCs are not
+        if self.kind == "mfcc":
+            to_set = [key for key, on in (("audio.normalise=none", self.normalise == "utterance"),
+                                          ("audio.loudness=false", self.loudness)) if on]
+            if to_set:
+                raise ValueError("normalise=utterance and loudness work on log-mel levels; with kind=mfcc set "
+                                 + " and ".join(to_set))
         return self
 
 

@@ -74,7 +74,7 @@ def load_audio(path: Path, sample_rate: int, cfg: DubConfig, workdir: Path) -> S
 
 
 class DubAudio(NamedTuple):
-    features: np.ndarray  # (2 * n_frames, n_features), the model's extractor spec
+    features: np.ndarray  # (2 * n_frames, spec width), the model's extractor spec
     duration_s: float
     n_frames: int  # ceil(duration x fps)
 

@@ -72,6 +72,32 @@ def test_loudness_column_is_the_bands_mean_power():
     assert loudness[55:].mean() - loudness[:45].mean() > 20 and loudness[52] > loudness[48] + 20
 
 
+def test_loudness_column_leaves_the_bands_as_they_were():
+    """Normalised per utterance, the bands are the same with and without the column after them
+    (the noise gate and the choice of speech steps still read the bands' levels), and the column
+    is normalised as they are: zero mean and unit spread over the speech."""
+    x = tone_burst(0.6) + np.float32(0.05) * np.sin(np.arange(2 * SR, dtype=np.float32) / 37).astype(np.float32)
+    with_column, without = (audio.compute_features(x, audio.spec_for(AudioConfig(n_features=40, loudness=on), SR),
+                                                   n_frames=50) for on in (True, False))
+    np.testing.assert_allclose(with_column[:, :40], without, atol=1e-5)
+    raw = audio.compute_features(x, audio.spec_for(AudioConfig(n_features=40, normalise="none"), SR), n_frames=50)
+    speech = raw[:, :40].max(axis=1) >= raw[:, :40].max() - audio.ACTIVE_DB_BELOW_PEAK
+    assert abs(with_column[speech, 40].mean()) < 1e-3 and abs(with_column[speech, 40].std() - 1) < 1e-3
+
+
+def test_a_spec_stored_before_the_loudness_column_reads_as_without_it():
+    """Stores and bundles from before the column lack the field: their features stay as wide as
+    their bands, and dubbing computes them the same way again."""
+    from gstalker_core.dub import installed_spec
+
+    without = audio.spec_for(AudioConfig(n_features=40, loudness=False), SR)
+    stored = without.model_dump(mode="json")
+    del stored["loudness"]
+    old = audio.AudioFeatureSpec.model_validate(stored)
+    assert old == without and old.width == 40 and installed_spec(old) == old
+    assert audio.compute_features(tone_burst(0.5), old, n_frames=50).shape == (100, 40)
+
+
 def test_frame_window_is_centred_on_the_frames_own_steps():
     feats = np.arange(40, dtype=np.float32)[:, None]
     win = audio.frame_windows(feats, [5, 0, 19], step_window=8)[..., 0]

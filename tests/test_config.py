@@ -22,10 +22,15 @@ def test_precedence_profile_file_env_cli(tmp_path):
     assert cfg.ingest.detect_every == 3 and cfg.audio.n_features == 64 and cfg.audio.kind == "mfcc"
 
 
-def test_utterance_normalisation_of_mfcc_is_refused():
+def test_log_mel_settings_with_mfcc_are_refused():
     with pytest.raises(ConfigError) as err:
         load_config("preview", overrides=["audio.kind=mfcc"], environ={})
-    assert "audio" in str(err.value) and "normalise=none and loudness=false" in str(err.value)
+    assert "audio" in str(err.value) and "audio.normalise=none and audio.loudness=false" in str(err.value)
+    with pytest.raises(ConfigError) as err:  # only what is still to set
+        load_config("preview", overrides=["audio.kind=mfcc", "audio.normalise=none"], environ={})
+    assert "set audio.loudness=false" in str(err.value) and "normalise=none" not in str(err.value)
+    assert load_config("preview", overrides=["audio.kind=mfcc", "audio.normalise=none", "audio.loudness=false"],
+                       environ={}).audio.kind == "mfcc"
 
 
 def test_invalid_value_names_field_and_allowed_values():

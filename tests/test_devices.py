@@ -23,7 +23,7 @@ import torch
 from gstalker_core.model import avatar
 from gstalker_core import evaluate, runtime, tracking
 from gstalker_core.train import static_fit, train_deform
-from gstalker_core.audio import load_features
+from gstalker_core.audio import AudioFeaturesMeta, load_features
 from gstalker_core.model.avatar import GaussianState
 from gstalker_core.data.conditions import FrameSource
 from gstalker_core.config import RuntimeConfig, load_config
@@ -68,10 +68,11 @@ def on_meta(tiny_speaker, monkeypatch):
     train = tracking.open_dataset(sp.store, sp.track, sp.ingest, sp.cfg.cache_dir, split="train")
     features = load_features(sp.store, sp.audio, sp.cfg.cache_dir)
     plate = static_fit.read_plate(sp.store, sp.track, sp.cfg.cache_dir)
-    model = TalkingHead(sp.cfg.deform, head, torso, sp.cfg.audio.n_features, sp.cfg.audio.step_window,
+    spec = AudioFeaturesMeta.model_validate(sp.audio.meta).spec
+    model = TalkingHead(sp.cfg.deform, head, torso, spec.width, sp.cfg.audio.step_window,
                         torch.from_numpy(train.arrays.viewmats[train.indices])).to(META)
     a = train.arrays
-    source = FrameSource.build(a.viewmats, a.blink, a.K, plate, META, features)
+    source = FrameSource.build(a.viewmats, a.blink, a.K, plate, META, features, maskable_bands=spec.n_features)
     return sp, model, train, source
 
 

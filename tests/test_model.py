@@ -78,13 +78,17 @@ def test_incompatible_bundle_is_refused_with_a_clear_message(tiny_speaker, tmp_p
         load_bundle(target)
 
 
+def _feature_spec(sp) -> audio.AudioFeatureSpec:
+    return audio.AudioFeaturesMeta.model_validate(sp.audio.meta).spec
+
+
 def _fresh_model(sp):
     store, cfg = sp.store, sp.cfg
     torch.manual_seed(0)
     head = GaussianModel.load(fetch_part(store, sp.static, static_fit.HEAD, cfg.cache_dir))
     torso = GaussianModel.load(fetch_part(store, sp.static, static_fit.TORSO, cfg.cache_dir))
     train = tracking.open_dataset(store, sp.track, sp.ingest, cfg.cache_dir, split="train")
-    model = TalkingHead(cfg.deform, head, torso, cfg.audio.n_features, cfg.audio.step_window,
+    model = TalkingHead(cfg.deform, head, torso, _feature_spec(sp).width, cfg.audio.step_window,
                         torch.from_numpy(train.arrays.viewmats[train.indices]))
     return model, train
 
@@ -151,7 +155,7 @@ def test_a_pose_no_training_frame_stands_for_shows_the_static_torso(tiny_speaker
     with torch.no_grad():  # a torso field that moves the torso
         model.torso_field.mlp.head.bias.fill_(0.1)
     view = torch.from_numpy(train.arrays.viewmats[[0, 5, 9]])
-    cond = FrameConditions(audio=model.audio_encoder.windows(np.zeros((40, tiny_speaker.cfg.audio.n_features),
+    cond = FrameConditions(audio=model.audio_encoder.windows(np.zeros((40, _feature_spec(tiny_speaker).width),
                                                                       np.float32), [0, 5, 9]),
                            eye=torch.ones(3), viewmats=view, track_frames=torch.tensor([5, NO_FRAME, 9]))
     with torch.no_grad():

@@ -42,8 +42,8 @@ class FrameSource:
     plate_rgb: np.ndarray  # (H, W, 3) uint8, the same plate for the targets
     # (T, 2) float32 pixels, where the torso layer is drawn (tracking.torso); None: where it was fitted
     torso_shift: torch.Tensor | None
-    features: np.ndarray | None  # (steps, n_features) audio features, 2 steps per frame; None: no audio
-    augmented: np.ndarray | None = None  # (V, steps, n_features) pitch-shifted versions of the training audio
+    features: np.ndarray | None  # (steps, spec width) audio features (bands, then loudness), 2 steps per frame; None: no audio
+    augmented: np.ndarray | None = None  # (V, steps, spec width) pitch-shifted versions of the training audio
     maskable_bands: int | None = None  # the leading feature columns frequency masks may hide (None: all)
 
     @classmethod
@@ -71,7 +71,7 @@ class FrameSource:
     def draw_hidden_bands(self, rng: np.random.Generator, masked: np.ndarray | None, n_masks: int,
                           share: float) -> np.ndarray | None:
         """SpecAugment's frequency masking of the frames where ``masked`` (n,) is True:
-        (n, n_features) bool, True on the feature bands a frame's audio window hides,
+        (n, features width) bool, True on the bands a frame's audio window hides (never the loudness),
         ``n_masks`` runs of up to ``share`` of the bands at random places; None when off (or
         ``masked`` None). A hidden band reads 0, which in utterance-normalised log-mel (the
         default) is the band's mean over the utterance's speech, so the lips learn to follow

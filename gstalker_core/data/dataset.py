@@ -51,7 +51,7 @@ class Sample:
     K: torch.Tensor  # (3, 3) float32
     blink: torch.Tensor  # () float32
     valid: bool
-    audio: torch.Tensor | None  # (step_window, n_features) float32 when audio features were given
+    audio: torch.Tensor | None  # (step_window, spec width) float32 when audio features were given
 
 
 class SpeakerDataset(torch.utils.data.IterableDataset):
@@ -59,7 +59,7 @@ class SpeakerDataset(torch.utils.data.IterableDataset):
 
     Indexing (``ds[k]``) gives the k-th frame of the split; iterating gives one epoch, in
     chunk-grouped random order when ``shuffle`` (a new order every epoch), else in order.
-    ``audio_features``: the audio stage's (steps, n_features) array, 2 steps per frame.
+    ``audio_features``: the audio stage's (steps, spec width) array, 2 steps per frame.
     """
 
     def __init__(self, frames: Sequence[np.ndarray] | ChunkReader, labels: Sequence[np.ndarray] | ChunkReader,
