@@ -21,9 +21,9 @@ zero-mean, unit-variance normalisation when its feature extractor asks for it, o
 whole utterance; ``audio.normalise`` (log-mel's per-band normalisation) and ``audio.loudness``
 (log-mel's loudness column) do not apply, and the spec says ``normalise="none"``,
 ``loudness=False``. ``audio.augment_semitones`` runs the model on each pitch-shifted version of
-the training audio as it runs librosa for log-mel. Memory: the audio is read in chunks of ``CHUNK_SECONDS`` with
-``CONTEXT_SECONDS`` more on each side, whose frames are dropped: the model never sees more
-than a chunk, whatever the length.
+the training audio as it runs librosa for log-mel. Memory: the audio is read in chunks of
+``CHUNK_SECONDS`` with ``CONTEXT_SECONDS`` more on each side, whose frames are dropped: the model
+never sees more than a chunk, whatever the length.
 
 The spec stored with the features names kind, model (type and a digest of its files),
 transformers' version and the rates; ``audio.check_spec`` refuses features of another model.

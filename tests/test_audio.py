@@ -76,7 +76,7 @@ def test_loudness_column_leaves_the_bands_as_they_were():
     """Normalised per utterance, the bands are the same with and without the column after them
     (the noise gate and the choice of speech steps still read the bands' levels), and the column
     is normalised as they are: zero mean and unit spread over the speech."""
-    x = tone_burst(0.6) + np.float32(0.05) * np.sin(np.arange(2 * SR, dtype=np.float32) / 37).astype(np.float32)
+    x = tone_burst(0.6) + np.float32(0.05) * np.sin(np.arange(2 * SR, dtype=np.float32) / 37)
     with_column, without = (audio.compute_features(x, audio.spec_for(AudioConfig(n_features=40, loudness=on), SR),
                                                    n_frames=50) for on in (True, False))
     np.testing.assert_allclose(with_column[:, :40], without, atol=1e-5)

@@ -42,7 +42,8 @@ class FrameSource:
     plate_rgb: np.ndarray  # (H, W, 3) uint8, the same plate for the targets
     # (T, 2) float32 pixels, where the torso layer is drawn (tracking.torso); None: where it was fitted
     torso_shift: torch.Tensor | None
-    features: np.ndarray | None  # (steps, spec width) audio features (bands, then loudness), 2 steps per frame; None: no audio
+    # (steps, spec width) audio features (bands, then loudness), 2 steps per frame; None: no audio
+    features: np.ndarray | None
     augmented: np.ndarray | None = None  # (V, steps, spec width) pitch-shifted versions of the training audio
     maskable_bands: int | None = None  # the leading feature columns frequency masks may hide (None: all)
 
