@@ -7,7 +7,7 @@
 # its wheels into a scratch folder, puts their ffmpeg on PATH, and runs bench/gpu_bench.py so
 # that everything ends within GPU_BENCH_TOTAL_S seconds (default 480: a 15-minute device
 # session also pays the machine's start and gsplat's kernel build comes out of these). Logs,
-# results.md and results.json go to $OUT when it is set (the device tool brings them back),
+# results.md, results.json and the profile (profile.txt, two gzipped traces) go to $OUT when it is set (the device tool brings them back),
 # else to bench/gpu_out; the table is also appended to bench/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,7 +55,7 @@ left=$(( total_s - ($(date +%s) - start) ))
 # section and still prints the table of what it measured
 timeout --signal=TERM --kill-after=20 "$left" "$python" bench/gpu_bench.py --payload "$payload" \
     --budget-s $(( left - 30 )) --results-md "$out/results.md" --results-json "$out/results.json" \
-    --append-md bench/RESULTS.md "$@" 2>&1 | tee -a "$log"
+    --append-md bench/RESULTS.md --profile-dir "$out" "$@" 2>&1 | tee -a "$log"
 rc=${PIPESTATUS[0]}
 echo "gpu.sh: gpu_bench.py exited with $rc after $(( $(date +%s) - start )) s in all" | tee -a "$log"
 exit "$rc"

@@ -1,5 +1,5 @@
 """GPU figures of the paper profile in one run: gsplat parity, training step times, render FPS,
-and a short real training with held-out PSNR.
+where a step's time goes, and a short real training with held-out PSNR.
 
     bash bench/gpu.sh                                               # the GPU box: wheels, ffmpeg, then this
     python3 bench/gpu_bench.py --payload bench/gpu_payload --budget-s 400
@@ -23,19 +23,25 @@ b. steps: the median time of a static-fit step (``static_fit.step_loss`` + backw
    fit's initial Gaussians, after warm-up, synchronised;
 c. fps: ``dub.render_chunk`` at the speaker's resolution with deformation, 1 frame (one
    stream) and batches, against the targets (>= 250 FPS single, >= 500 batched);
-d. training: ``static_fit.run`` and ``train_deform.run`` with the paper profile and the
+d. profile: torch.profiler over a few static-fit steps, deformation rendering steps and
+   single-frame dub renders: the device's busy time against the wall time, kernel launches
+   and host waits a call; operator tables (by device time, host time and Python stack) and
+   two chrome traces go to --profile-dir;
+e. training: ``static_fit.run`` and ``train_deform.run`` with the paper profile and the
    iteration counts asked (scaled down to the budget left, by b's step times; the schedule's
    milestones compressed with them), then held-out
    PSNR of every evaluation method (``evaluate.render_methods``: ours and its baselines) and the trained
    model's render FPS.
 The markdown table is printed last; --results-md, --append-md and --results-json write it too.
 If gsplat's kernels do not build, gsplat is hidden so that the stages' ``auto`` rasteriser
-falls back to the PyTorch reference: sections b-d then measure that, as the header says.
+falls back to the PyTorch reference: sections b-e then measure that, as the header says.
+--sections picks the sections to run (c, d and e need b's model and step times).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import platform
@@ -178,7 +184,8 @@ class Bench:
         self.kernel_build_s: float | None = None
         self.kernel_error = ""
         self.model: TalkingHead | None = None  # section b's, for c
-        self.step_s: dict[str, float] = {}  # section b's, for d's plan
+        self.step_s: dict[str, float] = {}  # section b's, for e's plan
+        self.steps: dict[str, Callable[[int], None]] = {}  # section b's, for d's profile
         self._speaker: Speaker | Exception | None = None
 
     def left(self) -> float:
@@ -343,6 +350,7 @@ def section_steps(bench: Bench, add: Add) -> None:
     sp, args = bench.speaker(), bench.args
 
     def measure(kind: str, step: Callable[[int], None]) -> str:
+        bench.steps[kind] = step
         bench.step_s[kind], count = median_seconds(step, args.warmup, args.step_repeats, sp.device)
         return f"median of {count} after {args.warmup}"
 
@@ -362,20 +370,26 @@ def section_steps(bench: Bench, add: Add) -> None:
 
 # -- c. render FPS -------------------------------------------------------------------------
 
-@torch.no_grad()
-def render_fps(model: TalkingHead, source: FrameSource, batch: int, warmup: int, repeats: int) -> tuple[float, int]:
-    """Frames a second of ``dub.render_chunk`` on ``batch`` consecutive frames of the clip's
-    audio at the training poses (the canonical codes computed once, as a dub does, and a lip
-    gain, whose reference costs a dub a second face-field evaluation), and the number of calls timed."""
+def dub_render(model: TalkingHead, source: FrameSource, batch: int) -> Callable[[int], None]:
+    """``dub.render_chunk`` of call ``i``'s ``batch`` consecutive frames of the clip's audio at the
+    training poses (the canonical codes computed once, as a dub does, and a lip gain, whose
+    reference costs a dub a second face-field evaluation)."""
     n_audio, n_poses = len(source.features) // 2, model.torso_field.n_train_frames
-    codes = model.canonical_codes()
-    lip = LipMotion(model.audio_encoder.conditions(source.features, 0, n_audio).mean(dim=0), TIMED_LIP_GAIN)
+    with torch.no_grad():
+        codes = model.canonical_codes()
+        lip = LipMotion(model.audio_encoder.conditions(source.features, 0, n_audio).mean(dim=0), TIMED_LIP_GAIN)
 
+    @torch.no_grad()
     def render(i: int) -> None:
         frames = np.arange(i * batch, (i + 1) * batch)
         render_chunk(model, source, frames % n_audio, frames % n_poses, codes, lip)
 
-    seconds, count = median_seconds(render, warmup, repeats, source.device)
+    return render
+
+
+def render_fps(model: TalkingHead, source: FrameSource, batch: int, warmup: int, repeats: int) -> tuple[float, int]:
+    """Frames a second of ``dub_render`` with ``batch`` frames a call, and the number of calls timed."""
+    seconds, count = median_seconds(dub_render(model, source, batch), warmup, repeats, source.device)
     return batch / seconds, count
 
 
@@ -396,7 +410,68 @@ def section_fps(bench: Bench, add: Add) -> None:
     add_fps(add, bench, bench.model, bench.speaker().source, "")
 
 
-# -- d. a short real training --------------------------------------------------------------
+# -- d. where a step's time goes -----------------------------------------------------------
+
+PROFILED_CALLS = 5
+# events that stand for one kernel launch, and for one wait of the host on the device
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+WAITS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+
+def profiled(step: Callable[[int], None], device: torch.device, calls: int, stacks: bool
+             ) -> torch.profiler.profile:
+    """torch.profiler over ``calls`` calls of ``step`` (warmed up by section b or c), synchronised."""
+    from torch.profiler import ProfilerActivity, _ExperimentalConfig, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]
+    # verbose: the operators keep their Python stacks, for key_averages(group_by_stack_n)
+    with profile(activities=activities, with_stack=stacks, experimental_config=_ExperimentalConfig(verbose=stacks)
+                 ) as prof:
+        for i in range(calls):
+            step(i)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return prof
+
+
+def section_profile(bench: Bench, add: Add) -> None:
+    """Per call of each step: the device's busy time against b's or c's wall time, kernel launches
+    and host waits; the top operators by device and host time, and by Python stack, go to
+    ``--profile-dir``/profile.txt, and the chrome traces of a rendering step and a dub frame beside it."""
+    if bench.model is None:
+        raise Skip("needs section b's model")
+    sp, args = bench.speaker(), bench.args
+    dub_frame = dub_render(bench.model, sp.source, 1)
+    dub_wall, _ = median_seconds(dub_frame, args.warmup, args.step_repeats, sp.device)
+    kinds = {"static": bench.steps["static"], "render": bench.steps["render"], "dub frame": dub_frame}
+    walls = {"static": bench.step_s["static"], "render": bench.step_s["render"], "dub frame": dub_wall}
+    sort = "self_device_time_total" if sp.device.type == "cuda" else "self_cpu_time_total"
+    report = []
+    for kind, step in kinds.items():
+        prof = profiled(step, sp.device, PROFILED_CALLS, stacks=True)
+        averages = prof.key_averages()
+        busy_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1000 / PROFILED_CALLS
+        launches = sum(e.count for e in averages if e.key in LAUNCHES) / PROFILED_CALLS
+        waits = {e.key: e.count / PROFILED_CALLS for e in averages if e.key in WAITS}
+        ops = sum(e.count for e in averages if e.key.startswith("aten::")) / PROFILED_CALLS
+        add(f"{kind}: device busy", f"{busy_ms:.2f} ms of {ms(walls[kind])}",
+            f"{busy_ms / 1000 / walls[kind]:.0%} of the wall time; {launches:.0f} kernel launches, {ops:.0f} aten "
+            "calls, waits " + ", ".join(f"{k} {v:g}" for k, v in waits.items()) + f" a call ({PROFILED_CALLS} profiled)")
+        report += [f"==== {kind}: {PROFILED_CALLS} calls, by {sort}", averages.table(sort_by=sort, row_limit=30),
+                   f"==== {kind}: by host time", averages.table(sort_by="self_cpu_time_total", row_limit=20),
+                   f"==== {kind}: by Python stack (5 frames), host time",
+                   prof.key_averages(group_by_stack_n=5).table(sort_by="self_cpu_time_total", row_limit=20)]
+        if args.profile_dir and kind != "static":
+            trace = args.profile_dir / f"trace_{kind.replace(' ', '_')}.json"
+            prof.export_chrome_trace(str(trace))
+            with open(trace, "rb") as raw, gzip.open(f"{trace}.gz", "wb") as packed:
+                shutil.copyfileobj(raw, packed)
+            trace.unlink()
+    if args.profile_dir:
+        (args.profile_dir / "profile.txt").write_text("\n".join(report))
+
+
+# -- e. a short real training --------------------------------------------------------------
 
 def planned_counts(bench: Bench) -> tuple[tuple[int, int, int], str]:
     """(static, landmark, rendering) iterations: as asked, or scaled down to fit the budget left."""
@@ -485,11 +560,14 @@ def section_training(bench: Bench, add: Add) -> None:
 # -- the run -------------------------------------------------------------------------------
 
 SECTIONS = (("a. gsplat parity", section_parity), ("b. step times", section_steps), ("c. render FPS", section_fps),
-            ("d. training", section_training))
+            ("d. profile", section_profile), ("e. training", section_training))
 
 
 def run_section(name: str, section: Callable[[Bench, Add], None], bench: Bench) -> SectionResult:
     result = SectionResult(name)
+    if name[0] not in bench.args.sections:
+        result.status = "skipped: not asked (--sections)"
+        return result
     if bench.stopped or bench.left() <= 0:
         result.status = "skipped: " + ("stopped by the time limit" if bench.stopped else "no budget left")
         return result
@@ -573,6 +651,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-md", type=Path, help="write the table here")
     parser.add_argument("--append-md", type=Path, help="append the table here (bench/RESULTS.md)")
     parser.add_argument("--results-json", type=Path, help="write every figure and error here")
+    parser.add_argument("--profile-dir", type=Path, help="section d's operator tables and traces go here")
+    parser.add_argument("--sections", default="abcde", help="the letters of the sections to run (b feeds c, d and e)")
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE_ARGS)

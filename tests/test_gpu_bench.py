@@ -4,6 +4,7 @@ lacks and bench/gpu_payload does not carry) and no ffprobe, only an ``ffmpeg`` o
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -18,9 +19,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import prepare_gpu_payload  # noqa: E402
 
-CPU_SECTIONS = {"b. step times": "done", "c. render FPS": "done", "d. training": "done"}
+CPU_SECTIONS = {"b. step times": "done", "c. render FPS": "done", "d. profile": "done", "e. training": "done"}
 FIGURES = ("static-fit step", "landmark step", "deformation rendering step", "render FPS batch 1",
-           "static fit", "deformation training", "held-out PSNR gstalker", "held-out PSNR static",
+           "static: device busy", "render: device busy", "dub frame: device busy", "static fit", "deformation training", "held-out PSNR gstalker", "held-out PSNR static",
            "render FPS trained batch 1")
 
 
@@ -41,9 +42,10 @@ def test_smoke_run_does_every_cpu_section_as_the_box_would(tmp_path, shared_data
     payload = tmp_path / "payload"
     # made here: tracking needs mediapipe, which the box has not
     prepare_gpu_payload.prepare_store(shared_data / "cnn_anchor_71s.mp4", 3.0, "tiny", payload)
-    results = tmp_path / "results.json"
+    results, profile = tmp_path / "results.json", tmp_path / "profile"
+    profile.mkdir()
     run = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_bench.py"), "--device", "cpu", "--smoke",
-                          "--payload", str(payload), "--results-json", str(results)],
+                          "--payload", str(payload), "--results-json", str(results), "--profile-dir", str(profile)],
                          env=box_like_environment(tmp_path), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     table = run.stdout[run.stdout.index("## gstalker GPU bench"):]
@@ -55,3 +57,9 @@ def test_smoke_run_does_every_cpu_section_as_the_box_would(tmp_path, shared_data
     for name in FIGURES:
         assert f"| {name} |" in table
     assert "| a. gsplat parity | status | skipped: needs CUDA" in table
+    # the profile's tables name the operators of each profiled step; the traces are gzipped chrome traces
+    tables = (profile / "profile.txt").read_text()
+    assert all(f"==== {kind}: by host time" in tables for kind in ("static", "render", "dub frame"))
+    assert "aten::" in tables
+    for trace in ("trace_render.json.gz", "trace_dub_frame.json.gz"):
+        assert json.loads(gzip.decompress((profile / trace).read_bytes()))["traceEvents"]
