@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from gstalker_core.metrics import person_coverage, photometric_loss, psnr, silhouette_interior, ssim
+from gstalker_core.metrics import person_coverage, photometric_loss, psnr, silhouette_interior, ssim, ssim_map
 
 
 def _pair(seed=0):
@@ -26,6 +26,28 @@ def test_ssim_matches_scikit_image():
                                    use_sample_covariance=False)
     assert ours == pytest.approx(theirs, abs=2e-3)
     assert ssim(torch.from_numpy(a)[None], torch.from_numpy(a)[None]).item() == pytest.approx(1.0)
+
+
+def test_ssim_map_sums_the_whole_gaussian_window():
+    """The separable passes give the 11x11 window's weighted sums: against a direct sum over every
+    window offset, in float64, on random images."""
+    rng = np.random.default_rng(4)
+    a, b = rng.random((2, 2, 19, 23, 3))
+    x = np.arange(11) - 5
+    g = np.exp(-x ** 2 / (2 * 1.5 ** 2))
+    window = np.outer(g, g) / g.sum() ** 2
+    height, width = 19 - 10, 23 - 10
+
+    def blur(img):  # (N, H, W, C) -> (N, C, H', W')
+        out = sum(window[i, j] * img[:, i:i + height, j:j + width] for i in range(11) for j in range(11))
+        return out.transpose(0, 3, 1, 2)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    want = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    got = ssim_map(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-12
 
 
 @pytest.mark.parametrize("height, width, window", [(10, 40, 9), (8, 9, 7), (6, 6, 5)])

@@ -298,7 +298,7 @@ def test_torso_stands_behind_the_chin_when_the_head_rises(tiny_speaker):
         assert share == np.count_nonzero((a[..., 0] >= COVERED_ALPHA) & person) / np.count_nonzero(person)
     head = layers.head_alpha[..., 0].numpy()
     sample = train.sample(t)
-    band, _ = behind_head(sample.labels.numpy(), sample.rgb.numpy() / 255.0)
+    band = behind_head(sample.labels[None], sample.rgb[None].float() / 255.0)[0][0].numpy()
     left = band & (head[0] >= 0.5) & (head[1] < 0.5)  # neck pixels behind the chin that the raise uncovers
     assert left.sum() >= 0.5 * rise_px * 4  # the raise really uncovered the chin's pixels
     torso = layers.torso_alpha[1, ..., 0].numpy()

@@ -12,12 +12,14 @@ import math
 import cv2
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.transform import Rotation
 
 from gstalker_core.errors import ConfigError, InputError
 from gstalker_core.tracking import (BACKGROUND, HEAD, NECK, TORSO, FrameRange, SpeakerDataset, TrackArrays, TrackConfig,
-                                    compose_targets, track_clip)
-from gstalker_core.tracking.parsing import BEHIND_HEAD_BAND, behind_head, silhouette_ring
+                                    track_clip)
+from gstalker_core.tracking import parsing
+from gstalker_core.tracking.parsing import BEHIND_HEAD_BAND
 from gstalker_core.tracking import pose
 from gstalker_core.tracking.landmarks import make_backend
 from gstalker_core.tracking.plate import background_plate
@@ -288,6 +290,21 @@ def test_masked_median_matches_numpy():
         keep = ~masked[:, y, x]
         want = np.median(values[keep, y, x].astype(float), axis=0) if keep.any() else np.zeros(3)
         assert np.abs(got[y, x] - np.round(want)).max() <= 0.5 + 1e-9, (y, x)
+
+
+def compose_targets(frame: np.ndarray, labels: np.ndarray, plate: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``parsing.compose_targets`` of one numpy image, as numpy."""
+    out = parsing.compose_targets(torch.from_numpy(frame)[None], torch.from_numpy(labels)[None], torch.from_numpy(plate))
+    return tuple(part[0].numpy() for part in out)
+
+
+def silhouette_ring(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(ring[0].numpy() for ring in parsing.silhouette_ring(torch.from_numpy(labels)[None]))
+
+
+def behind_head(labels: np.ndarray, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mask, colour = parsing.behind_head(torch.from_numpy(labels)[None], torch.from_numpy(img)[None].float())
+    return mask[0].numpy(), colour[0].numpy()
 
 
 def test_compose_targets_recomposes_the_frame():

@@ -39,7 +39,6 @@ class FrameSource:
     eye: torch.Tensor  # (T,) float32 eye openness, 1 = open
     K: torch.Tensor  # (3, 3) float32
     plate: torch.Tensor  # (H, W, 3) float32 in [0, 1]
-    plate_rgb: np.ndarray  # (H, W, 3) uint8, the same plate for the targets
     # (T, 2) float32 pixels, where the torso layer is drawn (tracking.torso); None: where it was fitted
     torso_shift: torch.Tensor | None
     # (steps, spec width) audio features (bands, then loudness), 2 steps per frame; None: no audio
@@ -58,7 +57,7 @@ class FrameSource:
         moves = torso_shift is not None and bool(np.any(torso_shift))
         return cls(viewmats=to_device(viewmats, device, torch.float32),
                    eye=to_device(eye_openness(blink), device, torch.float32), K=to_device(K, device, torch.float32),
-                   plate=to_device(plate, device, torch.float32) / 255.0, plate_rgb=plate,
+                   plate=to_device(plate, device, torch.float32) / 255.0,
                    torso_shift=to_device(torso_shift, device, torch.float32) if moves else None, features=features,
                    augmented=augmented, maskable_bands=maskable_bands)
 
@@ -133,11 +132,13 @@ class FrameSource:
         return windows
 
     def targets(self, samples) -> dict[str, torch.Tensor]:
-        """(B, H, W, C) targets of dataset samples: the frame, and each layer's colour and alpha
-        (``tracking.compose_targets``) over this plate."""
-        layers = [compose_targets(s.rgb.numpy(), s.labels.numpy(), self.plate_rgb) for s in samples]
-        head_rgb, head_alpha, torso_rgb, torso_alpha = (np.stack(parts) for parts in zip(*layers))
-        frames = np.stack([s.rgb.numpy() for s in samples]).astype(np.float32) / 255.0
-        out = {"rgb": frames, "head_rgb": head_rgb, "head_alpha": head_alpha[..., None], "torso_rgb": torso_rgb,
-               "torso_alpha": torso_alpha[..., None]}
-        return {name: to_device(value, self.device, torch.float32) for name, value in out.items()}
+        """(B, H, W, C) float32 targets of dataset samples on the device: the frame, and each
+        layer's colour and alpha (``tracking.compose_targets``) over this plate. Only the uint8
+        frames and labels travel (4 bytes a pixel against the targets' 44): composed on the CPU
+        and uploaded as float32, a 512 px training step's targets cost a GPU more host time and
+        copying than its rendering (bench/RESULTS.md, 2026-12-04)."""
+        frames = torch.stack([s.rgb for s in samples]).to(self.device)
+        labels = torch.stack([s.labels for s in samples]).to(self.device)
+        head_rgb, head_alpha, torso_rgb, torso_alpha = compose_targets(frames, labels, self.plate)
+        return {"rgb": frames.float() / 255.0, "head_rgb": head_rgb, "head_alpha": head_alpha[..., None],
+                "torso_rgb": torso_rgb, "torso_alpha": torso_alpha[..., None]}

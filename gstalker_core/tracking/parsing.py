@@ -11,8 +11,9 @@ Geometry, in a head-aligned 2D frame (origin at the chin, ``up`` = chin -> foreh
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from .topology import Topology
 
@@ -61,50 +62,52 @@ BEHIND_HEAD_BAND = 0.12
 BEHIND_HEAD_COLOUR_ROWS = 3
 
 
-def behind_head(labels: np.ndarray, img: np.ndarray, band: float = BEHIND_HEAD_BAND
-                ) -> tuple[np.ndarray, np.ndarray]:
+def behind_head(labels: torch.Tensor, img: torch.Tensor, band: float = BEHIND_HEAD_BAND
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Head pixels that the torso layer must also cover, and the colour it should show there.
 
     Per column, the head pixels within ``band`` x H rows above the topmost neck/torso pixel
     that lies under the head; their colour is that column's neck colour (the mean of its top
-    rows), continued upward. Returns a boolean (H, W) mask and float (H, W, 3) colours.
+    rows), continued upward. ``labels`` (B, H, W), ``img`` (B, H, W, 3) float; returns a boolean
+    (B, H, W) mask and float (B, H, W, 3) colours.
     """
-    height = labels.shape[0]
+    n, height, width = labels.shape
     body = (labels == NECK) | (labels == TORSO)
     head = labels == HEAD
-    rows = np.arange(height)[:, None]
-    # the first body row under the lowest head pixel of each column
-    lowest_head = np.where(head.any(0), height - 1 - np.argmax(head[::-1], 0), -1)
-    below = body & (rows > lowest_head)
-    has_body = below.any(0) & (lowest_head >= 0)
-    top = np.argmax(below, 0)
+    rows = torch.arange(height, device=labels.device)[:, None]
+    # the first body row under the lowest head pixel of each column (argmax: the first maximum)
+    lowest_head = torch.where(head.any(1), height - 1 - head.flip(1).byte().argmax(1), -1)
+    below = body & (rows > lowest_head[:, None])
+    has_body = below.any(1) & (lowest_head >= 0)
+    top = below.byte().argmax(1)[:, None]  # (B, 1, W)
     reach = max(1, int(round(band * height)))
-    mask = head & has_body & (rows >= top - reach) & (rows < top)
-    colour_rows = np.clip(top + np.arange(BEHIND_HEAD_COLOUR_ROWS)[:, None], 0, height - 1)
-    cols = np.arange(labels.shape[1])
-    picked = img[colour_rows, cols]  # (rows, W, 3)
-    valid = below[colour_rows, cols][..., None]
-    colour = (picked * valid).sum(0) / np.maximum(valid.sum(0), 1)
-    return mask, np.broadcast_to(colour, img.shape)
+    mask = head & has_body[:, None] & (rows >= top - reach) & (rows < top)
+    offsets = torch.arange(BEHIND_HEAD_COLOUR_ROWS, device=labels.device)[:, None]
+    colour_rows = (top + offsets).clamp(0, height - 1)  # (B, rows, W)
+    picked = img.gather(1, colour_rows[..., None].expand(-1, -1, -1, img.shape[-1]))
+    valid = below.gather(1, colour_rows)[..., None]
+    colour = (picked * valid).sum(1) / valid.sum(1).clamp_min(1)
+    return mask, colour[:, None].expand(n, height, width, img.shape[-1])
 
 
-def silhouette_ring(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def silhouette_ring(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The background pixels that touch the person (8-neighbourhood), split by what they touch:
     those beside the head, and the others (beside the neck or torso). In the video a pixel on the
     silhouette mixes the person with the plate, so the labels' edge falls inside that mix; the
     layers own this ring (alpha 1, the frame's colour there) so that a render is opaque right up
     to the person's edge, and a pose that moves the silhouette by under a pixel shows no plate
-    through it. Returns two boolean (H, W) masks."""
-    kernel = np.ones((3, 3), np.uint8)
+    through it. ``labels`` (B, H, W); returns two boolean (B, H, W) masks."""
+    def touches(mask: torch.Tensor) -> torch.Tensor:  # a 3x3 dilation; the border adds nothing
+        return F.max_pool2d(mask[:, None].float(), 3, stride=1, padding=1)[:, 0] > 0
+
     background = labels == BACKGROUND
-    head_ring = background & (cv2.dilate((labels == HEAD).astype(np.uint8), kernel) > 0)
-    body = ((labels == NECK) | (labels == TORSO)).astype(np.uint8)
-    body_ring = background & ~head_ring & (cv2.dilate(body, kernel) > 0)
+    head_ring = background & touches(labels == HEAD)
+    body_ring = background & ~head_ring & touches((labels == NECK) | (labels == TORSO))
     return head_ring, body_ring
 
 
-def compose_targets(frame: np.ndarray, labels: np.ndarray, plate: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def compose_targets(frames: torch.Tensor, labels: torch.Tensor, plate: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ground truth for the head-only and torso-only renders, built on the fly in training.
 
     head_rgb: the frame's head pixels over the plate; head_alpha: 1 on head pixels.
@@ -113,16 +116,19 @@ def compose_targets(frame: np.ndarray, labels: np.ndarray, plate: np.ndarray
     Behind the lower head (``behind_head``) the torso target continues the neck upward, so
     that the body has something behind the chin when the head moves; elsewhere under the head
     it is the plate (the torso render must not learn the head).
-    The full frame is recovered as head over torso over plate. Inputs: frame and plate
-    (H, W, 3) uint8 or float, labels (H, W) uint8; outputs float32, colours in [0, 1].
+    The full frame is recovered as head over torso over plate.
+
+    Inputs on one device, where the targets are made (a training step's, so that only the uint8
+    frames and labels travel to a GPU): frames (B, H, W, 3) and plate (H, W, 3), uint8 or float
+    in [0, 1], labels (B, H, W) uint8. Outputs float32, colours in [0, 1]: head_rgb (B, H, W, 3),
+    head_alpha (B, H, W), torso_rgb, torso_alpha.
     """
-    scale = 255.0 if frame.dtype == np.uint8 else 1.0
-    img = frame.astype(np.float32) / scale
-    bg = plate.astype(np.float32) / (255.0 if plate.dtype == np.uint8 else 1.0)
+    img = frames.float() / (255.0 if frames.dtype == torch.uint8 else 1.0)
+    bg = plate.float() / (255.0 if plate.dtype == torch.uint8 else 1.0)
     head_ring, body_ring = silhouette_ring(labels)
-    head_alpha = ((labels == HEAD) | head_ring).astype(np.float32)
+    head = (labels == HEAD) | head_ring
     hidden_neck, neck_colour = behind_head(labels, img)
-    torso_alpha = ((labels == NECK) | (labels == TORSO) | body_ring | hidden_neck).astype(np.float32)
-    head_rgb = np.where(head_alpha[..., None] > 0, img, bg)
-    torso_rgb = np.where(hidden_neck[..., None], neck_colour, np.where(torso_alpha[..., None] > 0, img, bg))
-    return head_rgb, head_alpha, torso_rgb, torso_alpha
+    body = (labels == NECK) | (labels == TORSO) | body_ring | hidden_neck
+    head_rgb = torch.where(head[..., None], img, bg)
+    torso_rgb = torch.where(hidden_neck[..., None], neck_colour, torch.where(body[..., None], img, bg))
+    return head_rgb, head.float(), torso_rgb, body.float()

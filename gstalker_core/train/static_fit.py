@@ -75,8 +75,8 @@ def torso_points(dataset: SpeakerDataset, K: np.ndarray, depth: float, n: int, s
     frames = [dataset.sample(int(i)) for i in np.linspace(dataset.indices[0], dataset.indices[-1], 4).astype(int)]
     pixels, colours = [], []
     for s in frames:  # the torso layer's target pixels: neck, torso, their silhouette ring and the neck behind the chin
-        rgb = s.rgb.numpy() / 255.0
-        _, _, torso_rgb, torso_alpha = tracking.compose_targets(rgb, s.labels.numpy(), rgb)
+        _, _, torso_rgb, torso_alpha = (t[0].numpy() for t in tracking.compose_targets(s.rgb[None], s.labels[None],
+                                                                                        s.rgb))
         ys, xs = np.nonzero(torso_alpha)
         pixels.append(np.stack([xs, ys], 1) - dataset.arrays.torso_shift[s.index])
         colours.append(torso_rgb[ys, xs])
