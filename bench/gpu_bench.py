@@ -35,7 +35,8 @@ e. training: ``static_fit.run`` and ``train_deform.run`` with the paper profile 
 The markdown table is printed last; --results-md, --append-md and --results-json write it too.
 If gsplat's kernels do not build, gsplat is hidden so that the stages' ``auto`` rasteriser
 falls back to the PyTorch reference: sections b-e then measure that, as the header says.
---sections picks the sections to run (c, d and e need b's model and step times).
+--sections picks the sections to run (c and d need b's model and steps; e plans its
+iteration counts with b's step times, and runs them as asked without).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class Bench:
         self.rasteriser: str | None = None
         self.kernel_build_s: float | None = None
         self.kernel_error = ""
-        self.model: TalkingHead | None = None  # section b's, for c
+        self.model: TalkingHead | None = None  # section b's, for c and d
         self.step_s: dict[str, float] = {}  # section b's, for e's plan
         self.steps: dict[str, Callable[[int], None]] = {}  # section b's, for d's profile
         self._speaker: Speaker | Exception | None = None
@@ -434,29 +435,46 @@ def profiled(step: Callable[[int], None], device: torch.device, calls: int, stac
     return prof
 
 
+def device_ms(averages) -> float:
+    """Milliseconds of kernels, copies and fills in a profile: the events that ran on the device.
+    An operator's row also carries the time of the kernels it launched, which have rows of their
+    own, and a user annotation (Adam's step) spans its kernels: counting either would count twice."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in averages
+               if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1000
+
+
 def section_profile(bench: Bench, add: Add) -> None:
-    """Per call of each step: the device's busy time against b's or c's wall time, kernel launches
-    and host waits; the top operators by device and host time, and by Python stack, go to
-    ``--profile-dir``/profile.txt, and the chrome traces of a rendering step and a dub frame beside it."""
-    if bench.model is None:
-        raise Skip("needs section b's model")
+    """Per call of each step: the device's busy time against b's or c's wall time (on a GPU),
+    kernel launches and host waits; the top operators by device and host time, and by Python
+    stack, go to ``--profile-dir``/profile.txt, and the chrome traces of a rendering step and a
+    dub frame beside it."""
+    if bench.model is None or not bench.steps.keys() >= {"static", "render"}:
+        raise Skip("needs section b's model and steps")
     sp, args = bench.speaker(), bench.args
     dub_frame = dub_render(bench.model, sp.source, 1)
     dub_wall, _ = median_seconds(dub_frame, args.warmup, args.step_repeats, sp.device)
     kinds = {"static": bench.steps["static"], "render": bench.steps["render"], "dub frame": dub_frame}
     walls = {"static": bench.step_s["static"], "render": bench.step_s["render"], "dub frame": dub_wall}
-    sort = "self_device_time_total" if sp.device.type == "cuda" else "self_cpu_time_total"
+    cuda = sp.device.type == "cuda"
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    if args.profile_dir:
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
     report = []
     for kind, step in kinds.items():
+        # b timed the static step with the torso training; the deformation steps froze it since
+        bench.model.torso.requires_grad_(kind == "static")
         prof = profiled(step, sp.device, PROFILED_CALLS, stacks=True)
         averages = prof.key_averages()
-        busy_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in averages) / 1000 / PROFILED_CALLS
         launches = sum(e.count for e in averages if e.key in LAUNCHES) / PROFILED_CALLS
         waits = {e.key: e.count / PROFILED_CALLS for e in averages if e.key in WAITS}
         ops = sum(e.count for e in averages if e.key.startswith("aten::")) / PROFILED_CALLS
-        add(f"{kind}: device busy", f"{busy_ms:.2f} ms of {ms(walls[kind])}",
-            f"{busy_ms / 1000 / walls[kind]:.0%} of the wall time; {launches:.0f} kernel launches, {ops:.0f} aten "
-            "calls, waits " + ", ".join(f"{k} {v:g}" for k, v in waits.items()) + f" a call ({PROFILED_CALLS} profiled)")
+        busy = device_ms(averages) / PROFILED_CALLS
+        add(f"{kind}: device busy", f"{busy:.2f} ms of {ms(walls[kind])}" if cuda else "n/a (CPU)",
+            (f"{busy / 1000 / walls[kind]:.0%} of the wall time; " if cuda else "")
+            + f"{launches:.0f} kernel launches, {ops:.0f} aten calls (nested ones included), waits a call: "
+            + (", ".join(f"{k} {v:g}" for k, v in waits.items()) or "none") + f" ({PROFILED_CALLS} calls profiled)")
         report += [f"==== {kind}: {PROFILED_CALLS} calls, by {sort}", averages.table(sort_by=sort, row_limit=30),
                    f"==== {kind}: by host time", averages.table(sort_by="self_cpu_time_total", row_limit=20),
                    f"==== {kind}: by Python stack (5 frames), host time",
@@ -654,6 +672,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-dir", type=Path, help="section d's operator tables and traces go here")
     parser.add_argument("--sections", default="abcde", help="the letters of the sections to run (b feeds c, d and e)")
     args = parser.parse_args(argv)
+    if set(args.sections) - set("abcde"):
+        parser.error(f"--sections takes letters of a-e, not {args.sections!r}")
     if args.smoke:
         vars(args).update(SMOKE_ARGS)
     return args

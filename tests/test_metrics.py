@@ -29,8 +29,8 @@ def test_ssim_matches_scikit_image():
 
 
 def test_ssim_map_sums_the_whole_gaussian_window():
-    """The separable passes give the 11x11 window's weighted sums: against a direct sum over every
-    window offset, in float64, on random images."""
+    """The one depthwise call over the five stacked maps gives the 11x11 window's weighted sums:
+    against a direct sum over every window offset, in float64, on random images."""
     rng = np.random.default_rng(4)
     a, b = rng.random((2, 2, 19, 23, 3))
     x = np.arange(11) - 5

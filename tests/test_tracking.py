@@ -327,6 +327,24 @@ def test_compose_targets_recomposes_the_frame():
     assert np.allclose(torso_rgb[under_head], plate[under_head] / 255.0)  # the torso never sees the head
 
 
+
+def test_compose_targets_of_a_batch_are_each_frames_own():
+    """Frames composed in one batch (as a training step does) get exactly their own targets."""
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 256, (3, 24, 20, 3), dtype=np.uint8)
+    labels = np.zeros((3, 24, 20), np.uint8)
+    for i, (head_rows, neck_cols) in enumerate([(slice(2, 12), slice(6, 12)), (slice(4, 16), slice(3, 9)),
+                                                 (slice(0, 8), slice(10, 18))]):
+        labels[i, head_rows, 4:16] = HEAD
+        labels[i, head_rows.stop:head_rows.stop + 4, neck_cols] = NECK
+        labels[i, head_rows.stop + 4:, 1:19] = TORSO
+    plate = rng.integers(0, 256, (24, 20, 3), dtype=np.uint8)
+    batch = parsing.compose_targets(torch.from_numpy(frames), torch.from_numpy(labels), torch.from_numpy(plate))
+    for i in range(3):
+        alone = compose_targets(frames[i], labels[i], plate)
+        for together, single in zip(batch, alone):
+            assert np.array_equal(together[i].numpy(), single)
+
 def test_layers_own_the_silhouette_ring():
     """The background pixels touching the person belong to the layer they touch (the head's
     first), opaque with the frame's colour; pixels two away stay the plate's."""
