@@ -7,8 +7,9 @@
 # its wheels into a scratch folder, puts their ffmpeg on PATH, and runs bench/gpu_bench.py so
 # that everything ends within GPU_BENCH_TOTAL_S seconds (default 480: a 15-minute device
 # session also pays the machine's start and gsplat's kernel build comes out of these). Logs,
-# results.md, results.json and the profile (profile.txt, two gzipped traces) go to $OUT when it is set (the device tool brings them back),
-# else to bench/gpu_out; the table is also appended to bench/RESULTS.md.
+# results.md, results.json and the profile (profile.txt, two gzipped traces) go to $OUT when it
+# is set (the device tool brings them back), else to bench/gpu_out; the table is also appended
+# to bench/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)

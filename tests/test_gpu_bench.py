@@ -63,3 +63,12 @@ def test_smoke_run_does_every_cpu_section_as_the_box_would(tmp_path, shared_data
     assert "aten::" in tables
     for trace in ("trace_render.json.gz", "trace_dub_frame.json.gz"):
         assert json.loads(gzip.decompress((profile / trace).read_bytes()))["traceEvents"]
+
+
+def test_sections_outside_a_to_e_are_refused_with_the_letters_it_takes(capsys):
+    import gpu_bench
+
+    with pytest.raises(SystemExit):
+        gpu_bench.parse_args(["--sections", "bx"])
+    assert "--sections takes letters of a-e, not 'bx'" in capsys.readouterr().err
+    assert gpu_bench.parse_args(["--sections", "bd"]).sections == "bd"

@@ -75,8 +75,8 @@ def torso_points(dataset: SpeakerDataset, K: np.ndarray, depth: float, n: int, s
     frames = [dataset.sample(int(i)) for i in np.linspace(dataset.indices[0], dataset.indices[-1], 4).astype(int)]
     pixels, colours = [], []
     for s in frames:  # the torso layer's target pixels: neck, torso, their silhouette ring and the neck behind the chin
-        _, _, torso_rgb, torso_alpha = (t[0].numpy() for t in tracking.compose_targets(s.rgb[None], s.labels[None],
-                                                                                        s.rgb))
+        layers = tracking.compose_targets(s.rgb[None], s.labels[None], s.rgb)  # the frame is its own plate
+        _, _, torso_rgb, torso_alpha = (layer[0].numpy() for layer in layers)
         ys, xs = np.nonzero(torso_alpha)
         pixels.append(np.stack([xs, ys], 1) - dataset.arrays.torso_shift[s.index])
         colours.append(torso_rgb[ys, xs])
