@@ -55,8 +55,8 @@ from .tracking.topology import FACEMESH, Topology
 STAGE = "evaluate"
 # 3: person coverage, the no-deformation ablation, face SSIM of small boxes, mouth-landmark
 # distance in rendered pixels, per-frame curves and their plot; 4: coverage inside the silhouette;
-# 5: lip gain (and the no_lip_gain row), mouth-opening spread
-CODE_VERSION = "5"
+# 5: lip gain (and the no_lip_gain row), mouth-opening spread; 6: the gain around the utterance's mean motion
+CODE_VERSION = "6"
 METHODS = ("gstalker", "no_lip_gain", "no_deformation", "static", "nearest")
 METHOD_LABELS = {"gstalker": "gstalker", "no_lip_gain": "gstalker, lip gain 1",
                  "no_deformation": "trained Gaussians, no deformation",

@@ -10,7 +10,7 @@ import torch
 from gstalker_core import audio
 from gstalker_core.data.conditions import FrameSource
 from gstalker_core.model.bundle import fetch_bundle
-from gstalker_core.model.lip_gain import LipGain, gain_reaching, lip_spread, utterance_motion
+from gstalker_core.model.lip_gain import LipGain, gain_reaching, lip_spread, mean_motion_shift, utterance_motion
 from gstalker_core.model.talking_head import LipMotion
 
 
@@ -42,6 +42,39 @@ def test_a_gain_scales_the_audio_driven_motion_around_the_reference(model_and_co
         # the reference sound itself (and so what the eyes do alone) is not amplified
         assert torch.allclose(getattr(still, name), r, atol=1e-6), name
     assert (amplified.d_means - plain.d_means).abs().max() > 0
+
+
+def test_a_gain_keeps_the_utterances_mean_motion(model_and_codes):
+    bundle, codes = model_and_codes
+    model = bundle.model
+    utterance = codes[:40]  # every frame makes the mean motion (MEAN_MOTION_FRAMES or fewer)
+    encoded = model.face_field.encode(model.head.means)
+    eye = torch.ones(len(utterance))
+    with torch.no_grad():
+        lip = utterance_motion(model, utterance, None, fixed_gain=2.2)
+        plain = model.face_field(encoded, utterance, eye)
+        amplified = model.face_deltas(encoded, utterance, eye, lip)
+        at_mean_code = model.face_field(encoded, lip.reference[None], eye[:1])
+    for name in ("d_means", "d_quats", "d_log_scales"):
+        d, a = getattr(plain, name), getattr(amplified, name)
+        shift = getattr(lip.mean_shift, name)
+        assert torch.allclose(shift, d.mean(dim=0, keepdim=True) - getattr(at_mean_code, name), atol=1e-6), name
+        # the gain moves each frame about the utterance's mean motion, which it leaves where it was
+        assert torch.allclose(a.mean(dim=0), d.mean(dim=0), atol=1e-6), name
+        assert torch.allclose(a - a.mean(dim=0), 2.2 * (d - d.mean(dim=0)), atol=1e-5), name
+    # the mean code's motion is not the mean motion (the field is not linear in the code): the shift matters
+    assert lip.mean_shift.d_means.abs().max() > 1e-4 * plain.d_means.abs().max()
+    # gain 1 is the trained field as it is, with nothing to shift
+    assert utterance_motion(model, utterance, None).mean_shift is None
+
+
+def test_the_mean_motion_of_a_long_utterance_comes_from_evenly_spaced_frames(model_and_codes):
+    bundle, codes = model_and_codes
+    long = codes.repeat(1 + 300 // len(codes), 1)[:300]  # over MEAN_MOTION_FRAMES
+    with torch.no_grad():
+        shift = mean_motion_shift(bundle.model, long)
+    assert shift.d_means.shape == (1, len(bundle.model.head.means), 3)
+    assert torch.isfinite(shift.d_means).all() and torch.isfinite(shift.d_quats).all()
 
 
 def test_the_utterance_gain_is_the_speaker_gain_times_the_spread_ratio_within_bounds(model_and_codes):

@@ -56,11 +56,14 @@ class CanonicalCodes:
 @dataclass
 class LipMotion:
     """A gain on the audio-driven part of the face's motion (``model.lip_gain`` says why):
-    deltas = r + gain (deltas - r), r the deltas of the ``reference`` audio code (the utterance's
-    mean) with the same eye openness."""
+    deltas = r + gain (deltas - r) around the utterance's mean motion r = the deltas of the
+    ``reference`` audio code (the utterance's mean code) with the same eye openness, plus
+    ``mean_shift``: the field is not linear in the code, so the mean code's motion is not the
+    utterance's mean motion (a gain around it moved the whole utterance's mouth)."""
 
     reference: torch.Tensor  # (code_dim,)
     gain: float
+    mean_shift: DeformDeltas | None = None  # (1, N_head, ...): the utterance's mean deltas - the mean code's
 
 
 def bounding_box(points: torch.Tensor, margin: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +117,11 @@ class TalkingHead(nn.Module):
             return self.face_field(encoded, audio, eye)
         both = self.face_field(encoded, torch.cat([audio, lip.reference.to(audio).expand_as(audio)]),
                                torch.cat([eye, eye]))
-        return DeformDeltas(*(r + lip.gain * (d - r) for d, r in
-                              (delta.split(len(audio)) for delta in (both.d_means, both.d_quats, both.d_log_scales))))
+        pairs = [delta.split(len(audio)) for delta in (both.d_means, both.d_quats, both.d_log_scales)]
+        if lip.mean_shift is not None:
+            shift = (lip.mean_shift.d_means, lip.mean_shift.d_quats, lip.mean_shift.d_log_scales)
+            pairs = [(d, r + s.to(r)) for (d, r), s in zip(pairs, shift)]
+        return DeformDeltas(*(r + lip.gain * (d - r) for d, r in pairs))
 
 
 def eye_openness(blink: np.ndarray) -> np.ndarray:
