@@ -78,7 +78,8 @@ from gstalker_core.metrics import psnr_of_mse  # noqa: E402
 from gstalker_core.render.gaussians import GaussianModel  # noqa: E402
 from gstalker_core.runtime import configure  # noqa: E402
 from gstalker_core.storage import ArtifactStore, StageManifest, fetch_part, find_stage, open_store  # noqa: E402
-from gstalker_core.model.talking_head import LipMotion, TalkingHead  # noqa: E402
+from gstalker_core.model.lip_gain import utterance_motion  # noqa: E402
+from gstalker_core.model.talking_head import TalkingHead  # noqa: E402
 from gstalker_core.tracking import SpeakerDataset  # noqa: E402
 from prepare_gpu_payload import DEFAULT_CLIP, DEFAULT_OUT, PAYLOAD_FILE, prepare_store  # noqa: E402
 
@@ -373,12 +374,13 @@ def section_steps(bench: Bench, add: Add) -> None:
 
 def dub_render(model: TalkingHead, source: FrameSource, batch: int) -> Callable[[int], None]:
     """``dub.render_chunk`` of call ``i``'s ``batch`` consecutive frames of the clip's audio at the
-    training poses (the canonical codes computed once, as a dub does, and a lip gain, whose
-    reference costs a dub a second face-field evaluation)."""
+    training poses (the canonical codes computed once, as a dub does, and a lip gain around the
+    utterance's mean motion, whose reference costs a dub a second face-field evaluation)."""
     n_audio, n_poses = len(source.features) // 2, model.torso_field.n_train_frames
     with torch.no_grad():
         codes = model.canonical_codes()
-        lip = LipMotion(model.audio_encoder.conditions(source.features, 0, n_audio).mean(dim=0), TIMED_LIP_GAIN)
+        lip = utterance_motion(model, model.audio_encoder.conditions(source.features, 0, n_audio), None,
+                               fixed_gain=TIMED_LIP_GAIN)
 
     @torch.no_grad()
     def render(i: int) -> None:

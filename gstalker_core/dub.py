@@ -182,8 +182,13 @@ class DubResult(BaseModel):
     manifest: DubManifest | None
 
 
+# 2: the lip gain around the utterance's mean motion (model.lip_gain)
+DUB_VERSION = "2"
+
+
 def output_key(speaker: str, bundle_key: str, audio_sha256: str, cfg: DubConfig) -> str:
-    return f"renders/{speaker}/{content_key('dub', '1', cfg, {'bundle': bundle_key, 'audio': audio_sha256})}.mp4"
+    key = content_key("dub", DUB_VERSION, cfg, {"bundle": bundle_key, "audio": audio_sha256})
+    return f"renders/{speaker}/{key}.mp4"
 
 
 def run(store: ArtifactStore, speaker: str, audio_source: str, cfg: PipelineConfig, progress: Progress | None = None

@@ -32,8 +32,8 @@ from gstalker_core.errors import ConfigError, InputError
 from gstalker_core.render.gaussians import GaussianModel
 from gstalker_core.storage import LocalStore, fetch_part
 from gstalker_core.storage.checkpoints import Checkpoints
-from gstalker_core.model.lip_gain import mean_motion_shift
-from gstalker_core.model.talking_head import LipMotion, TalkingHead
+from gstalker_core.model.lip_gain import utterance_motion
+from gstalker_core.model.talking_head import TalkingHead
 from tasks.gpu import claim_gpu
 
 META = torch.device("meta")
@@ -136,9 +136,9 @@ def test_an_evaluation_batch_renders_every_method_on_the_device(on_meta):
 @pytest.mark.parametrize("gain", [1.0, 1.7])
 def test_a_dub_chunk_renders_on_the_device(on_meta, gain):
     _, model, _, source = on_meta
-    codes = torch.zeros(7, model.audio_encoder.code_dim, device=META)
-    lip = LipMotion(codes.mean(dim=0), gain, None if gain == 1.0 else mean_motion_shift(model, codes))
-    if lip.mean_shift is not None:
+    lip = utterance_motion(model, torch.zeros(7, model.audio_encoder.code_dim, device=META), None, fixed_gain=gain)
+    _all_on_meta(lip.reference)
+    if gain != 1.0:
         _all_on_meta(lip.mean_shift.d_means, lip.mean_shift.d_quats, lip.mean_shift.d_log_scales)
     with torch.no_grad():
         rgb = render_chunk(model, source, np.arange(5), np.array([0, 1, 2, 1, 0]), lip=lip)
