@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from gstalker_core import runtime
 from gstalker_core.config import GaussianConfig
 from gstalker_core.render.gaussians import GaussianModel
 from gstalker_core.render.rasterize import rasterization
@@ -28,7 +30,22 @@ def test_random_init_is_inside_the_volume_and_renders():
     assert alpha.max() > 0.3
 
 
-def test_densify_and_prune_keep_optimizer_state_aligned():
+@pytest.fixture(params=["default", "fused"])
+def adam_kind(request, monkeypatch):
+    """Adam as the CPU runs it, and fused as on CUDA (``runtime.FUSED_ADAM_DEVICES``): torch fuses
+    on the CPU too, so the state surgery of densification is checked on both here."""
+    if request.param == "fused":
+        monkeypatch.setattr(runtime, "FUSED_ADAM_DEVICES", ("cuda", "cpu"))
+    return request.param
+
+
+def test_adam_is_fused_on_the_devices_listed_only(adam_kind):
+    opt = _model().make_optimizer()
+    assert bool(opt.defaults["fused"]) == (adam_kind == "fused")
+    assert not torch.optim.Adam([torch.zeros(1, requires_grad=True)]).defaults["fused"]  # torch's own CPU default
+
+
+def test_densify_and_prune_keep_optimizer_state_aligned(adam_kind):
     model = _model(densify_from=0, densify_every=1, densify_grad_threshold=1e-9, max_gaussians=10_000)
     opt = model.make_optimizer()
     target = torch.rand(1, 32, 32, 3)
@@ -49,6 +66,26 @@ def test_densify_and_prune_keep_optimizer_state_aligned():
     ((image - target) ** 2).mean().backward()
     opt.step()
     assert torch.sigmoid(model.opacity_logits.detach()).min() > 0.005
+
+
+def test_a_checkpoint_of_either_adam_resumes_in_the_other(monkeypatch):
+    """A run checkpointed on the CPU resumes fused on a GPU, and back (the step counts move)."""
+    target = torch.rand(1, 32, 32, 3)
+    for saver, loader in [(("cpu",), ("cuda", "cpu")), (("cuda", "cpu"), ("cpu",))]:
+        monkeypatch.setattr(runtime, "FUSED_ADAM_DEVICES", saver)
+        model = _model()
+        opt = model.make_optimizer()
+        ((_render(model)[0] - target) ** 2).mean().backward()
+        opt.step()
+        monkeypatch.setattr(runtime, "FUSED_ADAM_DEVICES", loader)
+        resumed = model.make_optimizer()
+        resumed.load_state_dict(opt.state_dict())
+        model.means.grad = None
+        ((_render(model)[0] - target) ** 2).mean().backward()
+        before = model.means.detach().clone()
+        resumed.step()
+        assert float(resumed.state[model.means]["step"]) == 2.0
+        assert not torch.equal(model.means.detach(), before)
 
 
 def test_save_load_round_trip_is_exact(tmp_path):

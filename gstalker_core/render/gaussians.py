@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import GaussianConfig
 from .rasterize import SH_C0, means2d_grads, quat_to_rotmat
+from ..runtime import adam
 
 PARAMS = ("means", "quats", "log_scales", "opacity_logits", "sh0", "shN")
 FORMAT = "gstalker-gaussians-1"
@@ -88,8 +89,7 @@ class GaussianModel(nn.Module):
         c = self.cfg
         rates = {"means": c.lr_means * self.scene_extent(), "quats": c.lr_quats, "log_scales": c.lr_scales,
                  "opacity_logits": c.lr_opacity, "sh0": c.lr_sh0, "shN": c.lr_sh0 / 20}
-        return torch.optim.Adam([{"params": [getattr(self, p)], "lr": rates[p], "name": p} for p in PARAMS],
-                                eps=1e-15)
+        return adam([{"params": [getattr(self, p)], "lr": rates[p], "name": p} for p in PARAMS], eps=1e-15)
 
     def _reset_stats(self) -> None:
         self.grad_accum = torch.zeros(len(self.means), device=self.means.device)

@@ -35,7 +35,7 @@ from ..deform.landmark_motion import canonical_offsets, guide_loss
 from ..errors import InputError
 from ..metrics import psnr_of_mse
 from ..render.gaussians import GaussianModel
-from ..runtime import configure
+from ..runtime import adam, configure
 from .static_fit import HEAD, TORSO, layer_losses, read_plate
 from ..storage import ArtifactStore, StageManifest, StageRun, StageWork, fetch_part, run_stage
 from ..storage.checkpoints import Checkpoints
@@ -88,7 +88,7 @@ def make_optimizer(model: TalkingHead, cfg: TrainConfig) -> torch.optim.Adam:
     for group in model.head.make_optimizer().param_groups:
         groups.append({"params": group["params"], "base_lr": group["lr"] * cfg.static_lr_scale,
                        "eps": group["eps"], "name": f"head.{group['name']}"})
-    return torch.optim.Adam(groups, lr=0.0)
+    return adam(groups, lr=0.0)
 
 
 def set_learning_rates(optimizer: torch.optim.Adam, cfg: TrainConfig, step: int) -> None:
