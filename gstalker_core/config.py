@@ -263,8 +263,8 @@ class TrainConfig(Section):
                                  description="training frames rendered to calibrate the lip gain (model.lip_gain) "
                                              "after training; 0: no calibration, gain 1")
     # 2.5 let the speaker's own held-out audio reach 2.5 on cnn_anchor_71s, its mouth opening 1.27x
-    # as widely as the truth's and gaping to 0.49 (the truth's widest 0.23); at 2.0 it opens as
-    # widely as the truth's (0.0600 against 0.0588) and every new voice still at 1.0x or more
+    # as widely as the truth's and gaping to 0.47 (the truth's widest 0.23); at 2.0 it opens as
+    # widely as the truth's (0.0600 against 0.0588), and six new voices at 0.97-1.09x the real spread
     lip_gain_max: float = Field(default=2.0, ge=1.0, le=3.0, description="largest lip gain of any utterance")
     seed: int = 0
 
