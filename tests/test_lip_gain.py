@@ -3,6 +3,8 @@ the calibration's interpolation, and that a trained bundle carries its calibrati
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -49,8 +51,6 @@ def test_a_gain_scales_the_audio_driven_motion_around_the_reference(model_and_co
 def lively_model(model_and_codes):
     """The tiny speaker's model with its face field's output layer drawn at random: the tiny
     training leaves deltas of about 1e-4, too small for the tolerances below to tell anything."""
-    import copy
-
     model = copy.deepcopy(model_and_codes[0].model)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

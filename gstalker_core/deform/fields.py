@@ -57,10 +57,14 @@ class DeformDeltas:
     d_quats: torch.Tensor  # (B, N, 4), added to the identity quaternion (w, x, y, z)
     d_log_scales: torch.Tensor  # (B, N, 3)
 
+    def parts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(d_means, d_quats, d_log_scales), for arithmetic applied to each alike."""
+        return self.d_means, self.d_quats, self.d_log_scales
+
     def where(self, frames: torch.Tensor) -> "DeformDeltas":
         """These deltas for the (B,) bool ``frames``, zero for the others."""
         keep = frames.to(self.d_means.dtype)[:, None, None]
-        return DeformDeltas(self.d_means * keep, self.d_quats * keep, self.d_log_scales * keep)
+        return DeformDeltas(*(part * keep for part in self.parts()))
 
     def apply(self, means: torch.Tensor, quats: torch.Tensor, log_scales: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

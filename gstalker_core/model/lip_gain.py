@@ -90,14 +90,13 @@ def mean_motion_shift(model: TalkingHead, codes: torch.Tensor) -> DeformDeltas:
     picked = codes[torch.linspace(0, len(codes) - 1, min(MEAN_MOTION_FRAMES, len(codes)),
                                   device=codes.device).round().long()]
     field, encoded = model.face_field, model.face_field.encode(model.head.means)
-    total = None
-    for block in picked.split(MEAN_MOTION_BLOCK):
-        d = field(encoded, block, torch.ones(len(block), dtype=codes.dtype, device=codes.device))
-        sums = [x.sum(dim=0, keepdim=True) for x in (d.d_means, d.d_quats, d.d_log_scales)]
-        total = sums if total is None else [t + x for t, x in zip(total, sums)]
     at_mean = field(encoded, codes.mean(dim=0, keepdim=True), torch.ones(1, dtype=codes.dtype, device=codes.device))
-    return DeformDeltas(*(t / len(picked) - m for t, m in
-                          zip(total, (at_mean.d_means, at_mean.d_quats, at_mean.d_log_scales))))
+    totals = [torch.zeros_like(part) for part in at_mean.parts()]
+    for block in picked.split(MEAN_MOTION_BLOCK):
+        deltas = field(encoded, block, torch.ones(len(block), dtype=codes.dtype, device=codes.device))
+        for total, part in zip(totals, deltas.parts()):
+            total += part.sum(dim=0, keepdim=True)
+    return DeformDeltas(*(total / len(picked) - part for total, part in zip(totals, at_mean.parts())))
 
 
 @torch.no_grad()

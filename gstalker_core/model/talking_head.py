@@ -117,10 +117,9 @@ class TalkingHead(nn.Module):
             return self.face_field(encoded, audio, eye)
         both = self.face_field(encoded, torch.cat([audio, lip.reference.to(audio).expand_as(audio)]),
                                torch.cat([eye, eye]))
-        pairs = [delta.split(len(audio)) for delta in (both.d_means, both.d_quats, both.d_log_scales)]
+        pairs = [part.split(len(audio)) for part in both.parts()]
         if lip.mean_shift is not None:
-            shift = (lip.mean_shift.d_means, lip.mean_shift.d_quats, lip.mean_shift.d_log_scales)
-            pairs = [(d, r + s.to(r)) for (d, r), s in zip(pairs, shift)]
+            pairs = [(d, r + shift.to(r)) for (d, r), shift in zip(pairs, lip.mean_shift.parts())]
         return DeformDeltas(*(r + lip.gain * (d - r) for d, r in pairs))
 
 
