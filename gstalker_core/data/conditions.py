@@ -137,8 +137,8 @@ class FrameSource:
         frames and labels travel (4 bytes a pixel against the targets' 44): composed on the CPU
         and uploaded as float32, a 512 px training step's targets cost a GPU more host time and
         copying than its rendering (bench/RESULTS.md, 2026-12-04)."""
-        frames = torch.stack([s.rgb for s in samples]).to(self.device)
+        rgb = torch.stack([s.rgb for s in samples]).to(self.device).float() / 255.0
         labels = torch.stack([s.labels for s in samples]).to(self.device)
-        head_rgb, head_alpha, torso_rgb, torso_alpha = compose_targets(frames, labels, self.plate)
-        return {"rgb": frames.float() / 255.0, "head_rgb": head_rgb, "head_alpha": head_alpha[..., None],
+        head_rgb, head_alpha, torso_rgb, torso_alpha = compose_targets(rgb, labels, self.plate)
+        return {"rgb": rgb, "head_rgb": head_rgb, "head_alpha": head_alpha[..., None],
                 "torso_rgb": torso_rgb, "torso_alpha": torso_alpha[..., None]}
