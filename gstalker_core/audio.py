@@ -48,6 +48,11 @@ TARGET_ACTIVE_RMS = 0.1
 ACTIVE_DB_BELOW_PEAK = 40.0
 SILENCE_DB_BELOW_PEAK = 50.0  # normalise_utterance's noise gate
 RMS_FRAME, RMS_HOP = 1024, 256  # frames the loudness statistics are taken over
+# A pause: RMS frames more than this under the utterance's loudest. Speech's quiet consonants sit
+# 20-30 dB under its vowels, a clean recording's pauses 40-60 dB under them, a noisy one's may not
+# fall this far at all (then it never pauses, and the mouth moves as the field says)
+PAUSE_DB_BELOW_PEAK = 35.0
+MIN_PAUSE_FRAMES = 3  # video frames (120 ms): a shorter quiet stretch inside the speech is not a pause
 BLOCK_SAMPLES = 1 << 16  # read granularity of a Signal
 # Frames per chunk (feature steps: ~41 s at 50 Hz): large enough that per-call overhead is nil, small
 # enough that a chunk's samples, spectrogram and librosa's framed copies are a few MB, whatever the length.
@@ -202,17 +207,46 @@ def _frame_pieces(signal: Signal, framing: _Framing, n_frames: int, chunk_frames
         reader.read(max(0, advance - length))  # frames shorter than the hop leave gaps: skip them
 
 
+def _frame_rms(signal: Signal) -> np.ndarray:
+    """RMS of the ``RMS_FRAME``-sample frames centred every ``RMS_HOP`` samples (librosa's centred framing)."""
+    n_frames = 1 + signal.n_samples // RMS_HOP
+    pieces = _frame_pieces(signal, _Framing(RMS_FRAME, RMS_HOP, lead=RMS_FRAME // 2), n_frames, CHUNK_STEPS)
+    return np.concatenate([librosa.feature.rms(y=piece, frame_length=RMS_FRAME, hop_length=RMS_HOP,
+                                               center=False)[0] for piece in pieces])
+
+
+def _within(frame_rms: np.ndarray, db_below_peak: float) -> np.ndarray:
+    """Which RMS frames lie within ``db_below_peak`` dB of the loudest."""
+    return frame_rms >= frame_rms.max(initial=0.0) * 10 ** (-db_below_peak / 20)
+
+
 def loudness_gain(signal: Signal) -> float:
     """Gain that brings the RMS of the active (non-silent) part to TARGET_ACTIVE_RMS; 1 for digital silence."""
-    n_frames = 1 + signal.n_samples // RMS_HOP  # librosa's centred framing
-    pieces = _frame_pieces(signal, _Framing(RMS_FRAME, RMS_HOP, lead=RMS_FRAME // 2), n_frames, CHUNK_STEPS)
-    frame_rms = np.concatenate([librosa.feature.rms(y=piece, frame_length=RMS_FRAME, hop_length=RMS_HOP,
-                                                    center=False)[0] for piece in pieces])
-    peak = float(frame_rms.max(initial=0.0))
-    if peak <= 1e-6:
+    frame_rms = _frame_rms(signal)
+    if frame_rms.max(initial=0.0) <= 1e-6:
         return 1.0  # digital silence: nothing to normalise (callers decide if that is an error)
-    active = frame_rms[frame_rms >= peak * 10 ** (-ACTIVE_DB_BELOW_PEAK / 20)]
+    active = frame_rms[_within(frame_rms, ACTIVE_DB_BELOW_PEAK)]
     return TARGET_ACTIVE_RMS / float(np.sqrt(np.mean(active**2)))
+
+
+def speaking(signal: Signal, n_frames: int, fps: int) -> np.ndarray:
+    """(n_frames,) float32 in [0, 1] per video frame: 1 where the voice speaks, 0 in its pauses
+    (where the mouth rests: ``model.lip_gain``). A frame speaks when any of its RMS frames lies
+    within ``PAUSE_DB_BELOW_PEAK`` of the loudest; a quiet stretch shorter than
+    ``MIN_PAUSE_FRAMES`` inside the speech is a stop or a short breath and stays speech; each
+    edge of a pause ramps over one frame, so the mouth closes and opens in two steps."""
+    frame_rms = _frame_rms(signal)
+    voiced = np.zeros(n_frames, bool)
+    if frame_rms.max(initial=0.0) > 1e-6:
+        frame_of = np.arange(len(frame_rms)) * RMS_HOP * fps // signal.sample_rate
+        hit = _within(frame_rms, PAUSE_DB_BELOW_PEAK) & (frame_of < n_frames)
+        voiced[frame_of[hit]] = True
+    edges = np.flatnonzero(np.diff(np.concatenate([[True], voiced, [True]]).astype(np.int8)))
+    for start, stop in zip(edges[::2], edges[1::2]):  # the pauses: [start, stop)
+        if stop - start < MIN_PAUSE_FRAMES and start > 0 and stop < n_frames:
+            voiced[start:stop] = True
+    ramp = np.ones(3, np.float32) / 3
+    return np.convolve(np.pad(voiced.astype(np.float32), 1, mode="edge"), ramp, mode="valid").astype(np.float32)
 
 
 def _piece_features(piece: np.ndarray, spec: AudioFeatureSpec) -> np.ndarray:

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel
 
 from . import media
-from .audio import SPEECH_MODEL, AudioFeatureSpec, Signal, check_spec, compute_features, spec_for
+from .audio import SPEECH_MODEL, AudioFeatureSpec, Signal, check_spec, compute_features, speaking, spec_for
 from .model.avatar import GaussianState
 from .model.bundle import Bundle
 from .data.conditions import FrameSource
@@ -77,6 +77,7 @@ class DubAudio(NamedTuple):
     features: np.ndarray  # (2 * n_frames, spec width), the model's extractor spec
     duration_s: float
     n_frames: int  # ceil(duration x fps)
+    speaking: np.ndarray  # (n_frames,) 1 where the voice speaks, 0 in its pauses (audio.speaking)
 
 
 def installed_spec(spec: AudioFeatureSpec, speech_model_dir: str = "") -> AudioFeatureSpec:
@@ -103,7 +104,15 @@ def dub_audio(bundle: Bundle, audio_path: Path, cfg: DubConfig, scratch: Path, s
         signal = load_audio(audio_path, spec.sample_rate, cfg, Path(workdir))
         n_frames = math.ceil(signal.duration_s * bundle.manifest.fps)
         features = compute_features(signal, spec, n_frames=n_frames, model_dir=speech_model_dir, device=device)
-        return DubAudio(features, signal.duration_s, n_frames)
+        return DubAudio(features, signal.duration_s, n_frames, speaking(signal, n_frames, bundle.manifest.fps))
+
+
+def dub_source(bundle: Bundle, heard: DubAudio) -> FrameSource:
+    """The per-frame inputs of a dub of ``heard`` on the model's device: the training pose
+    track and torso shifts, the new audio's features and pauses."""
+    return FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate,
+                             next(bundle.model.parameters()).device, heard.features,
+                             torso_shift=bundle.torso_shift, speaking=heard.speaking)
 
 
 @torch.no_grad()
@@ -113,15 +122,15 @@ def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: P
     ``speech_model_dir``: see ``dub_audio``."""
     start = time.perf_counter()
     fps = bundle.manifest.fps
-    features, duration_s, n_frames = dub_audio(bundle, audio_path, cfg, Path(out).parent, speech_model_dir)
+    heard = dub_audio(bundle, audio_path, cfg, Path(out).parent, speech_model_dir)
+    n_frames = heard.n_frames
     n_train = len(bundle.viewmats)
     track = pose_track if pose_track is not None else pose_track_indices(n_frames, n_train, cfg.pose_stretch)
     if len(track) < n_frames:
         raise InputError(f"the pose track has {len(track)} frames, the audio needs {n_frames}",
                          "give a pose track at least as long as the audio")
     model, size = bundle.model, bundle.manifest.resolution
-    source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate,
-                               next(model.parameters()).device, features, torso_shift=bundle.torso_shift)
+    source = dub_source(bundle, heard)
     render_start = time.perf_counter()
     lip = lip_motion(bundle, source, cfg)
     with media.VideoWriter(out, size, size, fps, audio=audio_path) as writer:
@@ -130,7 +139,7 @@ def dub(bundle: Bundle, audio_path: Path, out: Path, cfg: DubConfig, progress: P
                 writer.write(image)
             if progress:
                 progress(done, n_frames)
-    return DubManifest(audio_name=Path(audio_path).name, audio_duration_s=duration_s, n_frames=n_frames,
+    return DubManifest(audio_name=Path(audio_path).name, audio_duration_s=heard.duration_s, n_frames=n_frames,
                        fps=fps, resolution=size, render_s=time.perf_counter() - render_start,
                        wall_s=time.perf_counter() - start, lip_gain=lip.gain)
 
@@ -182,8 +191,8 @@ class DubResult(BaseModel):
     manifest: DubManifest | None
 
 
-# 2: the lip gain around the utterance's mean motion (model.lip_gain)
-DUB_VERSION = "2"
+# 2: the lip gain around the utterance's mean motion (model.lip_gain); 3: the mouth rests in pauses
+DUB_VERSION = "3"
 
 
 def output_key(speaker: str, bundle_key: str, audio_sha256: str, cfg: DubConfig) -> str:

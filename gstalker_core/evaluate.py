@@ -35,6 +35,7 @@ import torch
 from pydantic import BaseModel, model_validator
 
 from . import audio, ingest, tracking
+from .audio import Signal, speaking
 from .metrics import lipsync
 from .train import static_fit
 from .model.avatar import GaussianState
@@ -55,8 +56,9 @@ from .tracking.topology import FACEMESH, Topology
 STAGE = "evaluate"
 # 3: person coverage, the no-deformation ablation, face SSIM of small boxes, mouth-landmark
 # distance in rendered pixels, per-frame curves and their plot; 4: coverage inside the silhouette;
-# 5: lip gain (and the no_lip_gain row), mouth-opening spread; 6: the gain around the utterance's mean motion
-CODE_VERSION = "6"
+# 5: lip gain (and the no_lip_gain row), mouth-opening spread; 6: the gain around the utterance's mean motion;
+# 7: the mouth rests in the held-out audio's pauses, as in a dub
+CODE_VERSION = "7"
 METHODS = ("gstalker", "no_lip_gain", "no_deformation", "static", "nearest")
 METHOD_LABELS = {"gstalker": "gstalker", "no_lip_gain": "gstalker, lip gain 1",
                  "no_deformation": "trained Gaussians, no deformation",
@@ -257,7 +259,8 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     size = plate.shape[0]
     a = test.arrays
     source = FrameSource.build(a.viewmats, a.blink, a.K, plate, next(model.parameters()).device, features,
-                               torso_shift=a.torso_shift)
+                               torso_shift=a.torso_shift,
+                               speaking=speaking(Signal.of_array(samples_16k, 16000), len(features) // 2, 25))
     static_states = (GaussianState.of(static[0].to(source.device)), GaussianState.of(static[1].to(source.device)))
     nearest = nearest_training_frames(features, frames, train_frames)
     codes = model.canonical_codes()

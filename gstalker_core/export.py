@@ -17,8 +17,7 @@ from pydantic import BaseModel
 
 from . import media
 from .config import PipelineConfig
-from .data.conditions import FrameSource
-from .dub import dub_audio, dub_frames, lip_motion
+from .dub import dub_audio, dub_frames, dub_source, lip_motion
 from .dub_motion import pose_track_indices
 from .errors import InputError
 from .model.bundle import Bundle
@@ -75,8 +74,7 @@ def _deformed_head(bundle: Bundle, store: ArtifactStore, audio: str, at_s: float
                          f"give a time from 0 to {heard.duration_s:.2f} s")
     frame = min(int(at_s * bundle.manifest.fps), heard.n_frames - 1)  # the frame shown at that time
     model = bundle.model.to(configure(cfg.runtime))
-    source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate, next(model.parameters()).device,
-                               heard.features)
+    source = dub_source(bundle, heard)
     pose = pose_track_indices(heard.n_frames, len(bundle.viewmats), cfg.dub.pose_stretch)[[frame]]
     head, _ = dub_frames(model, source, np.array([frame]), pose, lip=lip_motion(bundle, source, cfg.dub))
     return frame, model.head.with_geometry(head.means[0], head.quats[0], head.log_scales[0])

@@ -187,3 +187,44 @@ def test_pitch_shifted_versions_stay_frame_aligned(spec):
     for feats in versions:
         energy = feats.max(axis=1)
         assert energy[55:].mean() - energy[:45].mean() > 30
+
+
+def _voice_with_gaps(gaps_s: list[tuple[float, float]], total_s: float = 3.0, floor: float = 1e-4) -> np.ndarray:
+    """A 220 Hz voice, its loudness swinging 10 dB at 3 Hz as syllables do, silent (down to a
+    noise floor) in ``gaps_s``."""
+    t = np.arange(int(total_s * SR)) / SR
+    voice = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    for start, stop in gaps_s:
+        voice[(t >= start) & (t < stop)] = 0.0
+    return (voice + floor * np.random.default_rng(0).standard_normal(len(t))).astype(np.float32)
+
+
+def test_a_voice_pauses_where_it_falls_silent_and_not_in_a_short_stop():
+    n_frames = 75  # 3 s at 25 fps
+    # a half-second pause, then a 100 ms stop (a frame or two under the level, bridged)
+    speaking = audio.speaking(audio.Signal.of_array(_voice_with_gaps([(1.0, 1.5), (2.0, 2.1)]), SR), n_frames, 25)
+    assert speaking.shape == (n_frames,) and speaking.dtype == np.float32
+    assert speaking.min() >= 0 and speaking.max() <= 1
+    # the pause: frame i covers [40i, 40i + 40) ms, and the RMS frames are 64 ms wide, so frames
+    # 25 and 36 still hear the voice's edge; 26-35 are the pause, whose edges ramp over a frame
+    assert np.all(speaking[27:35] == 0)
+    np.testing.assert_allclose(speaking[[25, 26, 35, 36]], [2 / 3, 1 / 3, 1 / 3, 2 / 3], atol=1e-6)
+    assert np.all(speaking[:25] == 1) and np.all(speaking[37:] == 1)  # the stop at frames 50-52 included
+    # a voice with no pause speaks throughout; one that stays this far under its peak does not
+    assert np.all(audio.speaking(audio.Signal.of_array(_voice_with_gaps([]), SR), n_frames, 25) == 1)
+    quiet = _voice_with_gaps([])
+    quiet[: SR] *= 10 ** (-(audio.PAUSE_DB_BELOW_PEAK + 10) / 20)
+    speaking = audio.speaking(audio.Signal.of_array(quiet, SR), n_frames, 25)
+    assert np.all(speaking[:23] == 0) and np.all(speaking[25:] == 1)
+
+
+def test_a_pause_is_relative_to_the_utterances_level_and_found_in_blocks():
+    gaps = [(0.5, 1.1), (2.2, 2.6)]
+    loud = audio.speaking(audio.Signal.of_array(_voice_with_gaps(gaps), SR), 75, 25)
+    # 30 dB quieter throughout, noise floor included: the same pauses
+    soft = audio.speaking(audio.Signal.of_array(_voice_with_gaps(gaps, floor=1e-4) * 10 ** (-30 / 20), SR), 75, 25)
+    np.testing.assert_array_equal(loud, soft)
+    # read in small blocks, as a dub reads its wav: the same
+    blocks = audio.speaking(audio.Signal.of_array(_voice_with_gaps(gaps), SR, block=999), 75, 25)
+    np.testing.assert_array_equal(loud, blocks)
+    assert loud[14:27].min() == 0 and loud[56:64].min() == 0 and loud[40] == 1  # both pauses, speech between

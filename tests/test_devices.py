@@ -32,7 +32,7 @@ from gstalker_core.errors import ConfigError, InputError
 from gstalker_core.render.gaussians import GaussianModel
 from gstalker_core.storage import LocalStore, fetch_part
 from gstalker_core.storage.checkpoints import Checkpoints
-from gstalker_core.model.lip_gain import utterance_motion
+from gstalker_core.model.lip_gain import LipGain, utterance_motion
 from gstalker_core.model.talking_head import TalkingHead
 from tasks.gpu import claim_gpu
 
@@ -134,12 +134,21 @@ def test_an_evaluation_batch_renders_every_method_on_the_device(on_meta):
 
 
 @pytest.mark.parametrize("gain", [1.0, 1.7])
-def test_a_dub_chunk_renders_on_the_device(on_meta, gain):
+@pytest.mark.parametrize("pauses", [False, True])
+def test_a_dub_chunk_renders_on_the_device(on_meta, gain, pauses):
     _, model, _, source = on_meta
-    lip = utterance_motion(model, torch.zeros(7, model.audio_encoder.code_dim, device=META), None, fixed_gain=gain)
-    _all_on_meta(lip.reference)
+    code_dim = model.audio_encoder.code_dim
+    calibration = LipGain(speaker_gain=1.0, reference_spread=1.0, lip_points=np.zeros((4, 3)).tolist(), max_gain=2.0,
+                          frames=1, real_spread=None, rendered_spread={}, rest_code=[0.1] * code_dim)
+    lip = utterance_motion(model, torch.zeros(7, code_dim, device=META), calibration, fixed_gain=gain)
+    _all_on_meta(lip.reference, lip.rest)
     if gain != 1.0:
         _all_on_meta(lip.mean_shift.d_means, lip.mean_shift.d_quats, lip.mean_shift.d_log_scales)
+    if pauses:  # the voice falls silent from the chunk's third frame: the mouth rests there
+        speaking = np.ones(len(source.features) // 2, np.float32)
+        speaking[2:] = [2 / 3, 1 / 3] + [0.0] * (len(speaking) - 4)
+        source = dataclasses.replace(source, speaking=speaking)
+        _all_on_meta(source.conditions(model, np.arange(5)).speaking)
     with torch.no_grad():
         rgb = render_chunk(model, source, np.arange(5), np.array([0, 1, 2, 1, 0]), lip=lip)
     _all_on_meta(rgb)

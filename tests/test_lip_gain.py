@@ -12,8 +12,8 @@ import torch
 from gstalker_core import audio
 from gstalker_core.data.conditions import FrameSource
 from gstalker_core.model.bundle import fetch_bundle
-from gstalker_core.model.lip_gain import (MEAN_MOTION_FRAMES, LipGain, gain_reaching, lip_spread,
-                                          mean_motion_shift, utterance_motion)
+from gstalker_core.model.lip_gain import (MEAN_MOTION_FRAMES, REST_SHARE, LipGain, gain_reaching, lip_gaps,
+                                          lip_spread, mean_motion_shift, rest_code, utterance_motion)
 from gstalker_core.model.talking_head import LipMotion
 
 
@@ -128,6 +128,47 @@ def test_the_utterance_gain_is_the_speaker_gain_times_the_spread_ratio_within_bo
     assert fixed.gain == 0.7 and torch.allclose(fixed.reference, codes.mean(dim=0))
 
 
+def test_in_a_pause_the_mouth_rests_and_where_the_voice_speaks_it_moves_as_gained(model_and_codes, lively_model):
+    codes, model = model_and_codes[1], lively_model
+    utterance, rest = codes[:6], codes[-1]
+    encoded = model.face_field.encode(model.head.means)
+    eye = torch.linspace(0.2, 1.0, 6)
+    speaking = torch.tensor([1.0, 1.0, 2 / 3, 1 / 3, 0.0, 0.0])
+    with torch.no_grad():
+        for gain in (1.0, 2.2):
+            lip = utterance_motion(model, utterance, None, fixed_gain=gain)
+            lip.rest = rest
+            gained = model.face_deltas(encoded, utterance, eye, lip)  # no pauses: the gain alone
+            rested = model.face_deltas(encoded, utterance, eye, lip, speaking)
+            at_rest = model.face_field(encoded, rest.expand_as(utterance), eye)  # with each frame's eyes
+            for name in ("d_means", "d_quats", "d_log_scales"):
+                g, r, at = getattr(gained, name), getattr(rested, name), getattr(at_rest, name)
+                assert torch.allclose(r[:2], g[:2], atol=1e-6), (gain, name)
+                assert torch.allclose(r[4:], at[4:], atol=1e-6), (gain, name)
+                assert torch.allclose(r[2:4], at[2:4] + speaking[2:4, None, None] * (g[2:4] - at[2:4]), atol=1e-6)
+            assert (rested.d_means[4:] - gained.d_means[4:]).abs().max() > 1e-3
+        # no rest code (a model calibrated before rests): pauses change nothing
+        lip.rest = None
+        np.testing.assert_array_equal(model.face_deltas(encoded, utterance, eye, lip, speaking).d_means.numpy(),
+                                      model.face_deltas(encoded, utterance, eye, lip).d_means.numpy())
+
+
+def test_the_rest_code_is_the_mean_of_the_codes_whose_lips_are_closest(model_and_codes, lively_model):
+    codes, model = model_and_codes[1], lively_model
+    points = np.random.default_rng(0).normal(0, 0.05, (4, 3)).astype(np.float32)
+    gaps = lip_gaps(model, codes, points)
+    assert gaps.shape == (len(codes),) and float(gaps.std()) == pytest.approx(lip_spread(model, codes, points))
+    count = max(1, round(REST_SHARE * len(codes)))
+    narrowest = np.argsort(gaps.numpy())[:count]
+    assert torch.allclose(rest_code(model, codes, points), codes[narrowest].mean(dim=0), atol=1e-6)
+    # and it is carried from the calibration into every utterance's motion
+    calibration = LipGain(speaker_gain=1.3, reference_spread=float(gaps.std()), lip_points=points.tolist(),
+                          max_gain=2.5, frames=10, real_spread=0.05, rendered_spread={},
+                          rest_code=rest_code(model, codes, points).tolist())
+    assert torch.allclose(utterance_motion(model, codes[:9], calibration).rest, codes[narrowest].mean(dim=0))
+    assert utterance_motion(model, codes[:9], calibration.model_copy(update={"rest_code": None})).rest is None
+
+
 def test_the_speaker_gain_is_where_the_rendered_spread_reaches_the_real_one():
     gains = [1.0, 1.5, 2.0]
     assert gain_reaching(0.05, gains, [0.03, 0.07, 0.09]) == pytest.approx(1.25)
@@ -147,6 +188,7 @@ def test_a_trained_bundle_carries_its_calibration_and_a_dub_says_its_gain(tiny_s
                                                                  bundle.manifest.n_train_frames)
     assert 1.0 <= calibration.speaker_gain <= calibration.max_gain == cfg.train.lip_gain_max
     assert calibration.reference_spread > 0 and np.asarray(calibration.lip_points).shape == (4, 3)
+    assert len(calibration.rest_code) == bundle.model.audio_encoder.code_dim
     # FaceMesh may not find a 64 px face: then the calibration says so and leaves the gain at 1
     assert calibration.note or len(calibration.rendered_spread) > 1
     wav = tmp_path / "voice.wav"
@@ -170,3 +212,23 @@ def test_a_trained_bundle_carries_its_calibration_and_a_dub_says_its_gain(tiny_s
         plain, amplified = (dub.render_chunk(bundle.model, source, frames, frames, lip=LipMotion(codes.mean(dim=0), g))
                             for g in (1.0, 1.6))
     assert (amplified - plain).abs().max() > 1e-3
+
+
+def test_a_dub_knows_where_its_voice_pauses_and_its_conditions_carry_it(tiny_speaker, tmp_path):
+    from gstalker_core import dub
+    import soundfile
+
+    bundle = fetch_bundle(tiny_speaker.store, tiny_speaker.bundle, tiny_speaker.cfg.cache_dir)
+    t = np.arange(48000) / 16000
+    voice = 0.3 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+    voice[(t >= 1.0) & (t < 2.0)] = 0.0  # a second of silence in three
+    wav = tmp_path / "pausing.wav"
+    soundfile.write(wav, voice.astype(np.float32), 16000)
+    heard = dub.dub_audio(bundle, wav, tiny_speaker.cfg.dub, tmp_path)
+    assert heard.speaking.shape == (heard.n_frames,) == (75,)
+    assert np.all(heard.speaking[28:47] == 0) and np.all(heard.speaking[:24] == 1) and np.all(heard.speaking[52:] == 1)
+    source = dub.dub_source(bundle, heard)
+    with torch.no_grad():
+        assert source.conditions(bundle.model, np.arange(10)).speaking is None  # all speech: nothing to rest
+        paused = source.conditions(bundle.model, np.arange(22, 32)).speaking
+    np.testing.assert_allclose(paused.numpy(), heard.speaking[22:32])

@@ -45,12 +45,15 @@ class FrameSource:
     features: np.ndarray | None
     augmented: np.ndarray | None = None  # (V, steps, spec width) pitch-shifted versions of the training audio
     maskable_bands: int | None = None  # the leading feature columns frequency masks may hide (None: all)
+    # (T,) float32 per audio frame, 1 where the voice speaks, 0 in its pauses (audio.speaking): where
+    # a lip motion has a rest, the mouth rests there; None: the voice never pauses (training)
+    speaking: np.ndarray | None = None
 
     @classmethod
     def build(cls, viewmats: np.ndarray, blink: np.ndarray, K: np.ndarray, plate: np.ndarray,
               device: torch.device, features: np.ndarray | None = None,
               augmented: np.ndarray | None = None, torso_shift: np.ndarray | None = None,
-              maskable_bands: int | None = None) -> "FrameSource":
+              maskable_bands: int | None = None, speaking: np.ndarray | None = None) -> "FrameSource":
         """``torso_shift``: (T, 2) per pose-track frame; none (or all zero): the torso never moves,
         and its one image serves every frame. ``maskable_bands``: the spectral bands among the
         feature columns (the spec's ``n_features``; its loudness column follows them)."""
@@ -59,7 +62,7 @@ class FrameSource:
                    eye=to_device(eye_openness(blink), device, torch.float32), K=to_device(K, device, torch.float32),
                    plate=to_device(plate, device, torch.float32) / 255.0,
                    torso_shift=to_device(torso_shift, device, torch.float32) if moves else None, features=features,
-                   augmented=augmented, maskable_bands=maskable_bands)
+                   augmented=augmented, maskable_bands=maskable_bands, speaking=speaking)
 
     def draw_voices(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
         """For ``n`` training frames, which version of their audio to hear: 0 the original (half
@@ -99,7 +102,8 @@ class FrameSource:
         ``voices`` of ``draw_voices``, default the original; the bands ``hidden_bands`` of
         ``draw_hidden_bands`` hidden, default none), the pose and blink of pose-track
         frames ``poses`` (default: ``audio_frames``), the torso latents of training frames
-        ``track`` (default: none, the static torso)."""
+        ``track`` (default: none, the static torso), and where some of ``audio_frames`` lie in
+        the voice's pauses, how much each speaks."""
         audio_frames = np.asarray(audio_frames, dtype=np.int64)
         poses = audio_frames if poses is None else np.asarray(poses, dtype=np.int64)
         track = np.full(len(audio_frames), NO_FRAME) if track is None else np.asarray(track, dtype=np.int64)
@@ -113,8 +117,11 @@ class FrameSource:
         audio = self._audio_windows(model, audio_frames, voices)
         if hidden_bands is not None:
             audio = audio.masked_fill(to_device(hidden_bands, audio.device)[:, None, None, :], 0.0)
+        speaking = None if self.speaking is None else self.speaking[audio_frames]
         return FrameConditions(audio=audio, eye=self.eye[index],
-                               viewmats=self.viewmats[index], track_frames=to_device(track, self.device))
+                               viewmats=self.viewmats[index], track_frames=to_device(track, self.device),
+                               speaking=None if speaking is None or speaking.min() >= 1.0
+                               else to_device(speaking, self.device, torch.float32))
 
     def render(self, head: GaussianState, torso: GaussianState, poses, backend: str = "auto") -> Layers:
         """``render_avatar`` of (deformed) states at pose-track frames ``poses``: their cameras,

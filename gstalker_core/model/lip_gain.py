@@ -26,6 +26,13 @@ lip gap grew by a quarter, 0.072 to 0.091, against 0.081 around the mean motion.
   utterance's (normalisation per utterance, as log-mel's per band, at the level of the motion).
 
 The gain of an utterance is speaker gain x utterance factor, within [1, ``max_gain``].
+
+- **Rest in pauses**: where the voice pauses (``audio.speaking``), the mouth goes to the
+  speaker's rest, the motion of the mean code of the training frames whose predicted lips are
+  closest (``REST_SHARE`` of them, ``rest_code``). A speaker who breathes through an open mouth
+  between sentences teaches the field that silence opens the mouth a little; in a new voice's
+  pauses that reads as a mouth left hanging, and it was most of why cnn_anchor_71s's dubs
+  followed new voices' loudness less than its own footage does (README, lip sync).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ TRIED_GAINS = (1.0, 1.5, 2.0, 2.5, 3.0)
 MEAN_MOTION_FRAMES = 128  # of an utterance, evenly spaced, whose deltas make its mean motion
 MEAN_MOTION_BLOCK = 16  # frames of deltas of every head Gaussian computed at once
 MIN_FACE_SHARE = 0.5  # of the calibration frames, real and rendered, where FaceMesh must find the face
+REST_SHARE = 0.05  # of the training frames, those with the narrowest predicted lip gap make the rest code
 
 
 class LipGain(BaseModel):
@@ -63,6 +71,7 @@ class LipGain(BaseModel):
     real_spread: float | None
     rendered_spread: dict[str, float]
     note: str = ""
+    rest_code: list[float] | None = None  # the audio code the mouth rests at in pauses; None: no rest
 
 
 def lip_points(template: np.ndarray, topology) -> np.ndarray:
@@ -71,15 +80,26 @@ def lip_points(template: np.ndarray, topology) -> np.ndarray:
 
 
 @torch.no_grad()
-def lip_spread(model: TalkingHead, codes: torch.Tensor, points: np.ndarray) -> float:
-    """Spread (std over frames) of the lip gap over mouth width that the face field predicts at
-    the template's mouth ``points`` for the audio ``codes`` (T, code_dim), eyes open, gain 1."""
+def lip_gaps(model: TalkingHead, codes: torch.Tensor, points: np.ndarray) -> torch.Tensor:
+    """(T,) lip gap over mouth width that the face field predicts at the template's mouth
+    ``points`` for the audio ``codes`` (T, code_dim), eyes open, gain 1."""
     field = model.face_field
     encoded = field.encode(torch.as_tensor(points, dtype=codes.dtype, device=codes.device))
     moved = torch.as_tensor(points, dtype=codes.dtype, device=codes.device) + field(
         encoded, codes, torch.ones(len(codes), dtype=codes.dtype, device=codes.device)).d_means
-    gap = (moved[:, 0] - moved[:, 1]).norm(dim=-1) / (moved[:, 2] - moved[:, 3]).norm(dim=-1).clamp_min(1e-9)
-    return float(gap.std()) if len(gap) > 1 else 0.0
+    return (moved[:, 0] - moved[:, 1]).norm(dim=-1) / (moved[:, 2] - moved[:, 3]).norm(dim=-1).clamp_min(1e-9)
+
+
+def lip_spread(model: TalkingHead, codes: torch.Tensor, points: np.ndarray) -> float:
+    """Spread (std over frames) of ``lip_gaps``."""
+    return float(lip_gaps(model, codes, points).std()) if len(codes) > 1 else 0.0
+
+
+def rest_code(model: TalkingHead, codes: torch.Tensor, points: np.ndarray) -> torch.Tensor:
+    """(code_dim,) the mean of the training ``codes`` whose ``lip_gaps`` are the narrowest
+    (``REST_SHARE`` of them, at least one)."""
+    narrowest = lip_gaps(model, codes, points).argsort()[:max(1, round(REST_SHARE * len(codes)))]
+    return codes[narrowest].mean(dim=0)
 
 
 @torch.no_grad()
@@ -104,7 +124,8 @@ def utterance_motion(model: TalkingHead, codes: torch.Tensor, calibration: LipGa
                      fixed_gain: float | None = None) -> LipMotion:
     """The lip motion of an utterance whose audio codes are ``codes`` (T, code_dim), around its
     mean motion; the gain ``fixed_gain`` when given, else the calibrated speaker gain x
-    utterance factor within [1, max gain] (1 for a model without calibration)."""
+    utterance factor within [1, max gain] (1 for a model without calibration); the rest in
+    pauses where the calibration has one."""
     if fixed_gain is not None:
         gain = float(fixed_gain)
     elif calibration is None:
@@ -113,7 +134,9 @@ def utterance_motion(model: TalkingHead, codes: torch.Tensor, calibration: LipGa
         spread = lip_spread(model, codes, np.asarray(calibration.lip_points, np.float32))
         factor = calibration.reference_spread / spread if spread > 0 else calibration.max_gain
         gain = float(np.clip(calibration.speaker_gain * factor, 1.0, calibration.max_gain))
-    return LipMotion(codes.mean(dim=0), gain, None if gain == 1.0 else mean_motion_shift(model, codes))
+    rest = None if calibration is None or calibration.rest_code is None else \
+        torch.tensor(calibration.rest_code, dtype=codes.dtype, device=codes.device)
+    return LipMotion(codes.mean(dim=0), gain, None if gain == 1.0 else mean_motion_shift(model, codes), rest)
 
 
 def gain_reaching(target: float, gains: list[float], spreads: list[float]) -> float:
@@ -146,7 +169,7 @@ def calibrate(model: TalkingHead, train: SpeakerDataset, source: FrameSource, tr
               n_frames: int, max_gain: float, batch_frames: int = 8) -> LipGain:
     """The speaker gain of ``model`` measured on ``n_frames`` training frames spread over the clip
     (each with its own audio, pose, blink and torso latent; frames whose mouth is covered left
-    out), and the training audio's spread."""
+    out), the training audio's spread and the speaker's rest code."""
     a = train.arrays
     points = lip_points(a.template, train.topology)
     train_frames = train.indices  # ascending
@@ -176,6 +199,7 @@ def calibrate(model: TalkingHead, train: SpeakerDataset, source: FrameSource, tr
     real_spread = real.spread()
     spreads = {g: o.spread() for g, o in rendered.items()}
     common = dict(reference_spread=lip_spread(model, codes, points), lip_points=points.tolist(), max_gain=max_gain,
+                  rest_code=rest_code(model, codes, points).tolist(),
                   frames=len(picked), real_spread=real_spread,
                   rendered_spread={f"{g:g}": s for g, s in spreads.items() if s is not None})
     if real_spread is None or any(s is None for s in spreads.values()):

@@ -31,6 +31,9 @@ class FrameConditions:
     eye: torch.Tensor  # (B,) eye openness, 1 = open
     viewmats: torch.Tensor  # (B, 4, 4) head-to-camera
     track_frames: torch.Tensor  # (B,) long: training-frame index whose torso latent to use, or NO_FRAME
+    # (B,) in [0, 1]: how much each frame's voice speaks (0: a pause, where a lip motion's rest
+    # closes the mouth); None: every frame speaks
+    speaking: torch.Tensor | None = None
 
 
 # ``track_frames`` value of a pose that no training frame stands for (the held-out frames):
@@ -59,11 +62,14 @@ class LipMotion:
     deltas = r + gain (deltas - r) around the utterance's mean motion r = the deltas of the
     ``reference`` audio code (the utterance's mean code) with the same eye openness, plus
     ``mean_shift``: the field is not linear in the code, so the mean code's motion is not the
-    utterance's mean motion (a gain around it moved the whole utterance's mouth)."""
+    utterance's mean motion (a gain around it moved the whole utterance's mouth). Then, in the
+    voice's pauses, the ``rest``: deltas = rest + speaking (deltas - rest), where rest is the
+    field's motion for the speaker's rest code with the same eye openness (the mouth closes)."""
 
     reference: torch.Tensor  # (code_dim,)
     gain: float
     mean_shift: DeformDeltas | None = None  # (1, N_head, ...): the utterance's mean deltas - the mean code's
+    rest: torch.Tensor | None = None  # (code_dim,) the speaker's closed-mouth code; None: no rest in pauses
 
 
 def bounding_box(points: torch.Tensor, margin: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +107,7 @@ class TalkingHead(nn.Module):
         if not deform:
             return head, torso
         codes = codes or self.canonical_codes()
-        face = self.face_deltas(codes.face, self.audio_encoder(cond.audio), cond.eye, lip)
+        face = self.face_deltas(codes.face, self.audio_encoder(cond.audio), cond.eye, lip, cond.speaking)
         known = cond.track_frames != NO_FRAME
         body = self.torso_field(codes.torso, self.pose(cond.viewmats),
                                 self.torso_field.latent_for_track(cond.track_frames.clamp_min(0)))
@@ -109,18 +115,34 @@ class TalkingHead(nn.Module):
             torso.deformed(*body.where(known).apply(torso.means, torso.quats, torso.log_scales))
 
 
-    def face_deltas(self, encoded: torch.Tensor, audio: torch.Tensor, eye: torch.Tensor, lip: LipMotion | None
-                    ) -> DeformDeltas:
-        """The face field's deltas for audio codes ``audio`` (B, code_dim), with ``lip``'s gain: the
-        frames and their reference in one field call of 2B conditions."""
-        if lip is None or lip.gain == 1.0:
+    def face_deltas(self, encoded: torch.Tensor, audio: torch.Tensor, eye: torch.Tensor, lip: LipMotion | None,
+                    speaking: torch.Tensor | None = None) -> DeformDeltas:
+        """The face field's deltas for audio codes ``audio`` (B, code_dim), with ``lip``'s gain
+        and, where ``speaking`` (B,) is under 1, its rest: the frames, their reference and their
+        rest in one field call of up to 3B conditions."""
+        gained = lip is not None and lip.gain != 1.0
+        resting = lip is not None and lip.rest is not None and speaking is not None
+        if not (gained or resting):
             return self.face_field(encoded, audio, eye)
-        both = self.face_field(encoded, torch.cat([audio, lip.reference.to(audio).expand_as(audio)]),
-                               torch.cat([eye, eye]))
-        pairs = [part.split(len(audio)) for part in both.parts()]
-        if lip.mean_shift is not None:
-            pairs = [(d, r + shift.to(r)) for (d, r), shift in zip(pairs, lip.mean_shift.parts())]
-        return DeformDeltas(*(r + lip.gain * (d - r) for d, r in pairs))
+        codes = [audio]
+        if gained:
+            codes.append(lip.reference.to(audio).expand_as(audio))
+        if resting:
+            codes.append(lip.rest.to(audio).expand_as(audio))
+        every = self.face_field(encoded, torch.cat(codes), eye.repeat(len(codes)))
+        shifts = lip.mean_shift.parts() if gained and lip.mean_shift is not None else (None,) * 3
+        moved = []
+        for part, shift in zip(every.parts(), shifts):
+            d, *others = part.split(len(audio))
+            if gained:
+                r = others.pop(0)
+                r = r if shift is None else r + shift.to(r)
+                d = r + lip.gain * (d - r)
+            if resting:
+                rest = others.pop(0)
+                d = rest + speaking.to(d)[:, None, None] * (d - rest)
+            moved.append(d)
+        return DeformDeltas(*moved)
 
 
 def eye_openness(blink: np.ndarray) -> np.ndarray:

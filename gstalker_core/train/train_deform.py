@@ -44,12 +44,13 @@ from ..tracking import SpeakerDataset
 from ..tracking.topology import Topology
 
 STAGE = "deform"
-CODE_VERSION = "10"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
+CODE_VERSION = "11"  # 2: audio features standardised, bounded audio code; 3: landmark guide;
 # 4: torso Gaussians frozen, learning-rate decay; 5: pitch-shifted audio for half of the frames;
 # 6: lip gain calibrated after training (model.lip_gain), the torso drawn at its tracked shift
 # 7: the calibration's FaceMesh tracks each stream of images apart, covered mouths left out;
 # frequency masks on the frames that hear a shifted voice; 8: and on every landmark step's frame;
-# 9: the audio encoder learns in the landmark steps only; 10: the calibration gains around the mean motion
+# 9: the audio encoder learns in the landmark steps only; 10: the calibration gains around the mean motion;
+# 11: the calibration keeps the rest code (model.lip_gain)
 
 Progress = Callable[[int, Optional[int], dict], None]
 
