@@ -31,11 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from gstalker_core import __version__  # noqa: E402
-from gstalker_core.audio import compute_features, spec_for  # noqa: E402
+from gstalker_core.audio import Signal, compute_features, speaking, spec_for  # noqa: E402
 from gstalker_core.model.bundle import FORMAT_VERSION, Bundle, BundleManifest, load_bundle, save_bundle  # noqa: E402
-from gstalker_core.data.conditions import FrameSource  # noqa: E402
 from gstalker_core.config import DubConfig, load_config  # noqa: E402
-from gstalker_core.dub import lip_motion, video_frames  # noqa: E402
+from gstalker_core.dub import DubAudio, dub_source, lip_motion, video_frames  # noqa: E402
 from gstalker_core.media import VideoWriter  # noqa: E402
 from gstalker_core.render.gaussians import GaussianModel  # noqa: E402
 from gstalker_core.model.talking_head import TalkingHead  # noqa: E402
@@ -86,10 +85,11 @@ def fps(bundle: Bundle, frames: int, chunk: int) -> dict[str, float]:
     compute_features(samples[: spec.sample_rate], spec, n_frames=25)
     print(f"  first feature call of the process (imports): {time.perf_counter() - start:.2f} s, not counted")
     start = time.perf_counter()
-    features = compute_features(samples, spec, n_frames=frames)
+    heard = DubAudio(compute_features(samples, spec, n_frames=frames), frames / 25, frames,
+                     speaking(Signal.of_array(samples, spec.sample_rate), frames, 25))
     feature_s = time.perf_counter() - start
     model, size = bundle.model, bundle.manifest.resolution
-    source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate, torch.device("cpu"), features)
+    source = dub_source(bundle, heard)
     track = np.arange(frames) % len(bundle.viewmats)
     render_s = encode_s = 0.0
     start = time.perf_counter()

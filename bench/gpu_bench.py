@@ -375,7 +375,9 @@ def section_steps(bench: Bench, add: Add) -> None:
 def dub_render(model: TalkingHead, source: FrameSource, batch: int) -> Callable[[int], None]:
     """``dub.render_chunk`` of call ``i``'s ``batch`` consecutive frames of the clip's audio at the
     training poses (the canonical codes computed once, as a dub does, and a lip gain around the
-    utterance's mean motion, whose reference costs a dub a second face-field evaluation)."""
+    utterance's mean motion, whose reference costs a dub a second face-field evaluation; the
+    payload's source knows no pauses, so the rest's third evaluation, made only in chunks that
+    hold a pause, is not timed)."""
     n_audio, n_poses = len(source.features) // 2, model.torso_field.n_train_frames
     with torch.no_grad():
         codes = model.canonical_codes()

@@ -52,7 +52,7 @@ RMS_FRAME, RMS_HOP = 1024, 256  # frames the loudness statistics are taken over
 # 20-30 dB under its vowels, a clean recording's pauses 40-60 dB under them, a noisy one's may not
 # fall this far at all (then it never pauses, and the mouth moves as the field says)
 PAUSE_DB_BELOW_PEAK = 35.0
-MIN_PAUSE_FRAMES = 3  # video frames (120 ms): a shorter quiet stretch inside the speech is not a pause
+MIN_PAUSE_FRAMES = 3  # video frames (120 ms at 25 fps): a shorter quiet stretch inside the speech is not a pause
 BLOCK_SAMPLES = 1 << 16  # read granularity of a Signal
 # Frames per chunk (feature steps: ~41 s at 50 Hz): large enough that per-call overhead is nil, small
 # enough that a chunk's samples, spectrogram and librosa's framed copies are a few MB, whatever the length.
@@ -238,9 +238,10 @@ def speaking(signal: Signal, n_frames: int, fps: int) -> np.ndarray:
     frame_rms = _frame_rms(signal)
     voiced = np.zeros(n_frames, bool)
     if frame_rms.max(initial=0.0) > 1e-6:
-        frame_of = np.arange(len(frame_rms)) * RMS_HOP * fps // signal.sample_rate
-        hit = _within(frame_rms, PAUSE_DB_BELOW_PEAK) & (frame_of < n_frames)
-        voiced[frame_of[hit]] = True
+        # frame i holds the RMS frames centred in it, [ceil(i sr / (fps hop)), the next frame's first);
+        # one too short to hold a centre (an utterance's last, a few ms long) takes the next centre's
+        firsts = -(-np.arange(n_frames) * signal.sample_rate // (fps * RMS_HOP))
+        voiced = np.logical_or.reduceat(_within(frame_rms, PAUSE_DB_BELOW_PEAK), np.minimum(firsts, len(frame_rms) - 1))
     edges = np.flatnonzero(np.diff(np.concatenate([[True], voiced, [True]]).astype(np.int8)))
     for start, stop in zip(edges[::2], edges[1::2]):  # the pauses: [start, stop)
         if stop - start < MIN_PAUSE_FRAMES and start > 0 and stop < n_frames:

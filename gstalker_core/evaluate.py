@@ -57,8 +57,9 @@ STAGE = "evaluate"
 # 3: person coverage, the no-deformation ablation, face SSIM of small boxes, mouth-landmark
 # distance in rendered pixels, per-frame curves and their plot; 4: coverage inside the silhouette;
 # 5: lip gain (and the no_lip_gain row), mouth-opening spread; 6: the gain around the utterance's mean motion;
-# 7: the mouth rests in the held-out audio's pauses, as in a dub
-CODE_VERSION = "7"
+# 7: the mouth rests in the held-out audio's pauses, as in a dub; 8: the pauses found in the held-out
+# audio alone, the nearest baseline resting in them too, the lip-gain-1 row with the rest
+CODE_VERSION = "8"
 METHODS = ("gstalker", "no_lip_gain", "no_deformation", "static", "nearest")
 METHOD_LABELS = {"gstalker": "gstalker", "no_lip_gain": "gstalker, lip gain 1",
                  "no_deformation": "trained Gaussians, no deformation",
@@ -225,18 +226,32 @@ def render_methods(model: TalkingHead, static: tuple[GaussianState, GaussianStat
                    lip: LipMotion | None = None) -> dict[str, MethodRender]:
     """Each method's render of held-out ``frames``, one rasteriser call per layer and method;
     ``nearest``: the training frame whose audio the ``nearest`` baseline borrows for each;
-    ``codes``: the model's ``canonical_codes()``; ``lip``: the held-out utterance's lip motion."""
+    ``codes``: the model's ``canonical_codes()``; ``lip``: the held-out utterance's lip motion (the
+    ``no_lip_gain`` row keeps its rest in pauses at gain 1). Every method that moves rests where
+    the held-out audio pauses."""
+    at_gain_1 = None if lip is None else LipMotion(lip.reference, 1.0, rest=lip.rest)
     rendered = {}
     for name in METHODS:
         if name == "static":
             head, torso = static
         else:
-            cond = source.conditions(model, nearest if name == "nearest" else frames, poses=frames)
+            cond = source.conditions(model, nearest if name == "nearest" else frames, poses=frames, pauses=frames)
             head, torso = model.frames(cond, deform=name != "no_deformation", codes=codes,
-                                       lip=lip if name in ("gstalker", "nearest") else None)
+                                       lip=at_gain_1 if name == "no_lip_gain" else lip)
         layers = source.render(head, torso, frames)
         rendered[name] = MethodRender(layers.rgb.clamp(0, 1), layers.alpha)
     return rendered
+
+
+def held_out_pauses(samples_16k: np.ndarray, frames: np.ndarray, n_frames: int, fps: int = 25) -> np.ndarray:
+    """(n_frames,) ``audio.speaking`` of the clip's frames: the held-out ``frames`` (consecutive)
+    measured on their own audio, as a dub of it would be; 1 (speech) elsewhere."""
+    per_frame = 16000 // fps
+    first, stop = int(frames[0]), int(frames[-1]) + 1
+    pauses = np.ones(n_frames, np.float32)
+    pauses[first:stop] = speaking(Signal.of_array(samples_16k[first * per_frame:stop * per_frame], 16000),
+                                  stop - first, fps)
+    return pauses
 
 
 @dataclass
@@ -260,7 +275,7 @@ def evaluate(model: TalkingHead, static: tuple[GaussianModel, GaussianModel], te
     a = test.arrays
     source = FrameSource.build(a.viewmats, a.blink, a.K, plate, next(model.parameters()).device, features,
                                torso_shift=a.torso_shift,
-                               speaking=speaking(Signal.of_array(samples_16k, 16000), len(features) // 2, 25))
+                               speaking=held_out_pauses(samples_16k, frames, len(features) // 2))
     static_states = (GaussianState.of(static[0].to(source.device)), GaussianState.of(static[1].to(source.device)))
     nearest = nearest_training_frames(features, frames, train_frames)
     codes = model.canonical_codes()

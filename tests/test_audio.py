@@ -228,3 +228,10 @@ def test_a_pause_is_relative_to_the_utterances_level_and_found_in_blocks():
     blocks = audio.speaking(audio.Signal.of_array(_voice_with_gaps(gaps), SR, block=999), 75, 25)
     np.testing.assert_array_equal(loud, blocks)
     assert loud[14:27].min() == 0 and loud[56:64].min() == 0 and loud[40] == 1  # both pauses, speech between
+
+
+def test_an_utterances_last_frame_of_a_few_milliseconds_still_speaks():
+    # 4580 samples: 8 frames at 25 fps, the last 100 samples long, holding no RMS frame's centre
+    t = np.arange(4580) / SR
+    voice = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    np.testing.assert_array_equal(audio.speaking(audio.Signal.of_array(voice, SR), 8, 25), np.ones(8, np.float32))

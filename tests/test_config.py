@@ -75,7 +75,7 @@ def test_default_stage_keys_are_stable():
     """The keys of the default configs' stages as they were before the optional backends (and
     their settings) existed: settings that are off stay out of the keys, so stored stages stay hits.
     A stage's new code version changes its key on purpose: then update the key here (audio: version 4,
-    the loudness column; evaluate: version 7, the mouth resting in the held-out audio's pauses)."""
+    the loudness column; evaluate: version 8, the mouth resting in the held-out audio's own pauses)."""
     from datetime import datetime, timezone
 
     from gstalker_core import audio, evaluate, tracking
@@ -84,9 +84,9 @@ def test_default_stage_keys_are_stable():
     ingest = StageManifest(stage="ingest", key="0" * 32, code_version="1", gstalker_version="0",
                            created_at=datetime.now(timezone.utc), inputs={}, config={}, parts={}, meta={})
     want = {"tiny": ("9566dbe7154db01afe64b0aade89176e", "d7a08d3215e533e578ce080b90ac97dd",
-                     "46ee1278d6f4cd02cf9a3f592147a8df"),
+                     "ab5355228a5a8467d107b02e1c3111d3"),
             "preview": ("d294f1f62c677051c09b74d4c177972e", "66f64a683536c758f5eb15929cf1a922",
-                        "ebfac1479d2d3f1600b9255d02136331")}
+                        "6beaadeb01d59bb685b3a619453dab33")}
     for profile, keys in want.items():
         cfg = load_config(profile, environ={})
         assert (tracking.stage_key(ingest, cfg), audio.stage_key(ingest, cfg),

@@ -14,7 +14,6 @@ import torch
 from plyfile import PlyData
 
 from gstalker_core import dub, export, speakers
-from gstalker_core.data.conditions import FrameSource
 from gstalker_core.dub_motion import pose_track_indices
 from gstalker_core.errors import InputError
 from gstalker_core.model.bundle import fetch_bundle
@@ -49,11 +48,11 @@ def test_export_writes_the_gaussians_and_the_head_at_a_time_of_the_audio(tiny_sp
 
     # the head of dub frame 32, as dubbing that audio deforms it
     heard = dub.dub_audio(bundle, voice, sp.cfg.dub, tmp_path)
-    source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate, torch.device("cpu"),
-                               heard.features)
+    source = dub.dub_source(bundle, heard)
     with torch.no_grad():
         states, _ = dub.dub_frames(model, source, np.array([32]),
-                                   pose_track_indices(heard.n_frames, len(bundle.viewmats))[[32]])
+                                   pose_track_indices(heard.n_frames, len(bundle.viewmats))[[32]],
+                                   lip=dub.lip_motion(bundle, source, sp.cfg.dub))
     assert deformed.count == len(model.head)
     assert np.allclose(_xyz(deformed), states.means[0].numpy(), atol=1e-6)
     assert np.allclose(np.stack([deformed[f"rot_{i}"] for i in range(4)], 1), states.quats[0].numpy(), atol=1e-6)

@@ -232,3 +232,48 @@ def test_a_dub_knows_where_its_voice_pauses_and_its_conditions_carry_it(tiny_spe
         assert source.conditions(bundle.model, np.arange(10)).speaking is None  # all speech: nothing to rest
         paused = source.conditions(bundle.model, np.arange(22, 32)).speaking
     np.testing.assert_allclose(paused.numpy(), heard.speaking[22:32])
+
+
+def test_the_evaluation_rests_every_moving_method_where_the_held_out_audio_pauses(model_and_codes, monkeypatch):
+    from gstalker_core import evaluate
+    from gstalker_core.model.avatar import GaussianState
+
+    bundle, codes = model_and_codes
+    model = bundle.model
+    features = np.zeros((2 * len(bundle.viewmats), bundle.manifest.audio_spec.width), np.float32)
+    speaking = np.ones(len(bundle.viewmats), np.float32)
+    speaking[5:7] = [1 / 3, 0.0]
+    source = FrameSource.build(bundle.viewmats, bundle.blink, bundle.K, bundle.plate, torch.device("cpu"), features,
+                               speaking=speaking)
+    lip = LipMotion(codes.mean(dim=0), 1.7, rest=codes[0])
+    frames, nearest = np.array([4, 5, 6, 7]), np.array([0, 1, 1, 2])  # the borrowed frames never pause
+    seen, draw = [], model.frames
+
+    def recording(cond, deform=True, codes=None, lip=None):
+        seen.append((cond.speaking, deform, lip))
+        return draw(cond, deform=deform, codes=codes, lip=lip)
+
+    monkeypatch.setattr(model, "frames", recording)
+    with torch.no_grad():
+        evaluate.render_methods(model, (GaussianState.of(model.head), GaussianState.of(model.torso)), source, frames,
+                                nearest, lip=lip)
+    by_method = dict(zip([m for m in evaluate.METHODS if m != "static"], seen))
+    for name in ("gstalker", "no_lip_gain", "nearest"):
+        rests, deform, motion = by_method[name]
+        np.testing.assert_allclose(rests.numpy(), speaking[frames], err_msg=name)
+        assert deform and torch.equal(motion.rest, codes[0]), name
+    assert by_method["gstalker"][2] is lip and by_method["nearest"][2] is lip
+    assert by_method["no_lip_gain"][2].gain == 1.0  # the same rest, at gain 1
+    assert by_method["no_deformation"][1] is False
+
+
+def test_held_out_pauses_are_measured_on_the_held_out_audio_alone():
+    from gstalker_core.evaluate import held_out_pauses
+
+    t = np.arange(4 * 16000) / 16000  # 100 frames: 2 s of training audio, 2 s held out
+    samples = 0.3 * np.sin(2 * np.pi * 220 * t)
+    samples[t >= 2.0] *= 10 ** (-45 / 20)  # a held-out voice 45 dB under the training one...
+    samples[(t >= 3.0) & (t < 3.4)] = 0.0  # ...with a pause of its own
+    pauses = held_out_pauses(samples.astype(np.float32), np.arange(50, 100), 100)
+    assert np.all(pauses[:50] == 1)  # training frames: not measured
+    assert np.all(pauses[50:74] == 1) and np.all(pauses[77:83] == 0) and np.all(pauses[87:] == 1)

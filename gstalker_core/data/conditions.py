@@ -97,13 +97,15 @@ class FrameSource:
         return self.viewmats.device
 
     def conditions(self, model: TalkingHead, audio_frames, poses=None, track=None, voices=None,
-                   hidden_bands=None) -> FrameConditions:
+                   hidden_bands=None, pauses=None) -> FrameConditions:
         """Conditions of B frames: the audio windows around ``audio_frames`` (in the versions
         ``voices`` of ``draw_voices``, default the original; the bands ``hidden_bands`` of
         ``draw_hidden_bands`` hidden, default none), the pose and blink of pose-track
         frames ``poses`` (default: ``audio_frames``), the torso latents of training frames
-        ``track`` (default: none, the static torso), and where some of ``audio_frames`` lie in
-        the voice's pauses, how much each speaks."""
+        ``track`` (default: none, the static torso), and where some of the frames ``pauses``
+        (default: ``audio_frames``) lie in the voice's pauses, how much each speaks (the
+        evaluation's nearest-neighbour baseline borrows training audio but rests where the
+        held-out audio pauses)."""
         audio_frames = np.asarray(audio_frames, dtype=np.int64)
         poses = audio_frames if poses is None else np.asarray(poses, dtype=np.int64)
         track = np.full(len(audio_frames), NO_FRAME) if track is None else np.asarray(track, dtype=np.int64)
@@ -117,10 +119,11 @@ class FrameSource:
         audio = self._audio_windows(model, audio_frames, voices)
         if hidden_bands is not None:
             audio = audio.masked_fill(to_device(hidden_bands, audio.device)[:, None, None, :], 0.0)
-        speaking = None if self.speaking is None else self.speaking[audio_frames]
+        speaking = None if self.speaking is None else \
+            self.speaking[audio_frames if pauses is None else np.asarray(pauses, dtype=np.int64)]
         return FrameConditions(audio=audio, eye=self.eye[index],
                                viewmats=self.viewmats[index], track_frames=to_device(track, self.device),
-                               speaking=None if speaking is None or speaking.min() >= 1.0
+                               speaking=None if speaking is None or np.all(speaking >= 1.0)
                                else to_device(speaking, self.device, torch.float32))
 
     def render(self, head: GaussianState, torso: GaussianState, poses, backend: str = "auto") -> Layers:
