@@ -191,8 +191,9 @@ class DubResult(BaseModel):
     manifest: DubManifest | None
 
 
-# 2: the lip gain around the utterance's mean motion (model.lip_gain); 3: the mouth rests in pauses
-DUB_VERSION = "3"
+# 2: the lip gain around the utterance's mean motion (model.lip_gain); 3: the mouth rests in pauses;
+# 4: an utterance's last frame, too short for an RMS frame of its own, no longer reads as a pause
+DUB_VERSION = "4"
 
 
 def output_key(speaker: str, bundle_key: str, audio_sha256: str, cfg: DubConfig) -> str:
