@@ -231,7 +231,10 @@ def test_a_dub_knows_where_its_voice_pauses_and_its_conditions_carry_it(tiny_spe
     with torch.no_grad():
         assert source.conditions(bundle.model, np.arange(10)).speaking is None  # all speech: nothing to rest
         paused = source.conditions(bundle.model, np.arange(22, 32)).speaking
+        # a dub's poses are training frames, its pauses the audio's
+        at_other_poses = source.conditions(bundle.model, np.arange(22, 32), poses=np.zeros(10, int)).speaking
     np.testing.assert_allclose(paused.numpy(), heard.speaking[22:32])
+    np.testing.assert_allclose(at_other_poses.numpy(), heard.speaking[22:32])
 
 
 def test_the_evaluation_rests_every_moving_method_where_the_held_out_audio_pauses(model_and_codes, monkeypatch):
