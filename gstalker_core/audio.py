@@ -241,7 +241,8 @@ def speaking(signal: Signal, n_frames: int, fps: int) -> np.ndarray:
         # frame i holds the RMS frames centred in it, [ceil(i sr / (fps hop)), the next frame's first);
         # one too short to hold a centre (an utterance's last, a few ms long) takes the next centre's
         firsts = -(-np.arange(n_frames) * signal.sample_rate // (fps * RMS_HOP))
-        voiced = np.logical_or.reduceat(_within(frame_rms, PAUSE_DB_BELOW_PEAK), np.minimum(firsts, len(frame_rms) - 1))
+        voiced = np.logical_or.reduceat(_within(frame_rms, PAUSE_DB_BELOW_PEAK),
+                                        np.minimum(firsts, len(frame_rms) - 1))
     edges = np.flatnonzero(np.diff(np.concatenate([[True], voiced, [True]]).astype(np.int8)))
     for start, stop in zip(edges[::2], edges[1::2]):  # the pauses: [start, stop)
         if stop - start < MIN_PAUSE_FRAMES and start > 0 and stop < n_frames:

@@ -35,7 +35,6 @@ import torch
 from pydantic import BaseModel, model_validator
 
 from . import audio, ingest, tracking
-from .audio import Signal, speaking
 from .metrics import lipsync
 from .train import static_fit
 from .model.avatar import GaussianState
@@ -249,8 +248,8 @@ def held_out_pauses(samples_16k: np.ndarray, frames: np.ndarray, n_frames: int, 
     per_frame = 16000 // fps
     first, stop = int(frames[0]), int(frames[-1]) + 1
     pauses = np.ones(n_frames, np.float32)
-    pauses[first:stop] = speaking(Signal.of_array(samples_16k[first * per_frame:stop * per_frame], 16000),
-                                  stop - first, fps)
+    held_out = audio.Signal.of_array(samples_16k[first * per_frame:stop * per_frame], 16000)
+    pauses[first:stop] = audio.speaking(held_out, stop - first, fps)
     return pauses
 
 
