@@ -167,6 +167,24 @@ def test_sh_colours(sh_degree):
     assert grads["colors"][:, -1].abs().max() > 0  # the highest band is differentiated too
 
 
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_plain_feature_widths(channels):
+    """Plain features of 1 to 4 channels (the compositing's fixed four, zero-padded) match the reference."""
+    params = _scene(n=24, seed=9)
+    params[4] = torch.rand(24, channels, generator=torch.Generator().manual_seed(9))
+    viewmats, Ks = _cameras(2)
+    image, _, _, _ = assert_numba_matches_reference(params, viewmats, Ks, sh_degree=None)
+    assert image.shape[-1] == channels
+
+
+def test_more_than_four_channels_are_refused():
+    params = _scene(n=8)
+    params[4] = torch.rand(8, 5)
+    viewmats, Ks = _cameras(1)
+    with pytest.raises(ValueError, match="1 to 4 channels"):
+        rasterization(*params, viewmats, Ks, W, H, sh_degree=None, backend="numba")
+
+
 @pytest.mark.parametrize("render_mode", ["RGB+D", "RGB+ED"])
 def test_depth_render_modes(render_mode):
     params = _scene(n=30, seed=6)

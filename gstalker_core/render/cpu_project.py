@@ -23,7 +23,7 @@ import numba
 import numpy as np
 import torch
 
-from .cpu_numba import jit, jit_parallel, numpy_of
+from .cpu_numba import jit, jit_inline, jit_parallel, numpy_of
 from .rasterize import ALPHA_THRESHOLD, FOOTPRINT_SIGMAS
 
 _QUAT_EPS = 1e-12  # F.normalize's
@@ -96,7 +96,7 @@ def _scales(scales, c, g):
     return np.float64(scales[c, g, 0]), np.float64(scales[c, g, 1]), np.float64(scales[c, g, 2])
 
 
-@jit
+@jit_inline
 def _forward_one(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, antialiased, c, g,
                  means2d, conics, depths, radii, opac_out):
     R, mc, in_depth, zs, (fx, fy, cx, cy), jac, _ = _camera_frame(means, viewmats, Ks, width, height, near, far, c, g)
@@ -136,7 +136,7 @@ def _project_forward(means, quats, scales, opacities, viewmats, Ks, width, heigh
                      means2d, conics, depths, radii, opac_out)
 
 
-@jit
+@jit_inline
 def _backward_one(means, quats, scales, opacities, viewmats, Ks, width, height, near, far, eps2d, antialiased, c, g,
                   grad_means2d, grad_conics, grad_depths, grad_opac, grad_means, grad_quats, grad_scales,
                   grad_opacities):
@@ -227,6 +227,9 @@ def _project_backward(means, quats, scales, opacities, viewmats, Ks, width, heig
         else:  # culled or hidden: only the depths output depends on it, through the mean
             for i in range(3):
                 grad_means[c, g, i] = grad_depths[c, g] * viewmats[c, 2, i]
+                grad_scales[c, g, i] = 0.0
+            grad_quats[c, g, 0] = grad_quats[c, g, 1] = grad_quats[c, g, 2] = grad_quats[c, g, 3] = 0.0
+            grad_opacities[c, g] = 0.0
 
 
 class _Project(torch.autograd.Function):
@@ -251,7 +254,7 @@ class _Project(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_means2d, grad_conics, grad_depths, _, grad_opac):
         means, quats, scales, opacities, viewmats, Ks = ctx.saved_tensors
-        grads = [np.zeros(t.shape, numpy_of(means).dtype) for t in (means, quats, scales, opacities)]
+        grads = [np.empty(t.shape, numpy_of(means).dtype) for t in (means, quats, scales, opacities)]  # all written
         upstream = [numpy_of(g) for g in (grad_means2d, grad_conics, grad_depths, grad_opac)]
         _project_backward(*(numpy_of(t) for t in (means, quats, scales, opacities, viewmats, Ks)), *ctx.settings,
                           ctx.radii, *upstream, *grads)

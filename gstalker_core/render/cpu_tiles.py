@@ -32,8 +32,9 @@ Algorithm
 Threading: ``numba.prange`` runs over (camera, tile) jobs. A job writes only its own pixels
 in the forward, and in the backward only the gradient rows of its own list entries (one row
 per (tile, Gaussian) entry that contributed to a pixel; most entries of a head lie behind an
-early stop and get none). A serial pass then sums the entry rows of each Gaussian (linear in
-the entries, under a millisecond), so no two threads ever write the same memory.
+early stop and get none). A serial pass then sums the entry rows of each Gaussian (visiting
+only the rows: 21k of 209k entries for a 50k head at 128 px, 0.3 ms), so no two threads ever
+write the same memory.
 
 Precision: arrays keep the caller's dtype (float32 in training); per-pixel arithmetic,
 transmittance and each list entry's gradient sums run in float64, and a Gaussian's entries
@@ -52,6 +53,7 @@ from .cpu_numba import jit, jit_parallel, numpy_of
 from .rasterize import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE
 
 TILE = 16
+MAX_FEATURES = 4  # colour, and the depth of the depth render modes
 # where a list entry's gradient row keeps d mean2d (x, y), d conic (a, b, c), d opacity and d features (D)
 MEAN_COL, CONIC_COL, OPACITY_COL, FEATURE_START = 0, 2, 5, 6
 
@@ -168,6 +170,17 @@ def _gaussian(means2d, conics, opacities, c, g):
 
 
 @jit
+def _feature_vector(features, c, g):
+    """Gaussian g's features in camera c as four float64 scalars, 0.0 past the array's D (at most
+    ``MAX_FEATURES``): the pixel loops then update four fixed channels in straight-line code
+    instead of looping over D."""
+    n_features = features.shape[2]
+    return (np.float64(features[c, g, 0]), np.float64(features[c, g, 1]) if n_features > 1 else 0.0,
+            np.float64(features[c, g, 2]) if n_features > 2 else 0.0,
+            np.float64(features[c, g, 3]) if n_features > 3 else 0.0)
+
+
+@jit
 def _row_start(mx, my, a, b, cc, px, py):
     """A row walk's start at pixel (px, py): sigma there, its step to pixel px + 1, dx and dy."""
     dx = mx - (px + 0.5)
@@ -237,7 +250,7 @@ def _forward_tile(job, means2d, conics, features, opacities, boxes, starts, ids,
     n_features = image.shape[3]
     c, x0, y0, tile_w, tile_h = _tile_geometry(job, n_tiles, tiles_x, image.shape[2], image.shape[1])
     T = np.ones((tile_h, tile_w))
-    acc = np.zeros((tile_h, tile_w, n_features))
+    acc = np.zeros((tile_h, tile_w, MAX_FEATURES))
     last = np.full((tile_h, tile_w), -1, np.int64)
     done = np.zeros((tile_h, tile_w), np.bool_)
     open_from, open_to = np.zeros(tile_h, np.int64), np.full(tile_h, tile_w, np.int64)  # per row
@@ -247,6 +260,7 @@ def _forward_tile(job, means2d, conics, features, opacities, boxes, starts, ids,
             break
         g = ids[k]
         mx, my, a, b, cc, opacity, sigma_cut, decay = _gaussian(means2d, conics, opacities, c, g)
+        f0, f1, f2, f3 = _feature_vector(features, c, g)
         bx0, bx1, by0, by1 = _clip_box(boxes[c, g], x0, y0, tile_w, tile_h)
         for y in range(by0, by1):
             x_from, x_to = max(bx0, open_from[y]), min(bx1, open_to[y])
@@ -268,15 +282,18 @@ def _forward_tile(job, means2d, conics, features, opacities, boxes, starts, ids,
                     _narrow_open_span(done, y, open_from, open_to)
                     continue
                 weight = alpha * T[y, x]
-                for d in range(n_features):
-                    acc[y, x, d] += weight * features[c, g, d]
+                acc[y, x, 0] += weight * f0
+                acc[y, x, 1] += weight * f1
+                acc[y, x, 2] += weight * f2
+                acc[y, x, 3] += weight * f3
                 T[y, x] = next_T
                 last[y, x] = k
                 contributed[k] = True
                 n_pairs += 1
     for y in range(tile_h):
         for x in range(tile_w):
-            image[c, y0 + y, x0 + x] = acc[y, x]
+            for d in range(n_features):
+                image[c, y0 + y, x0 + x, d] = acc[y, x, d]
             final_T[c, y0 + y, x0 + x] = T[y, x]
             last_entry[c, y0 + y, x0 + x] = last[y, x]
     return n_pairs
@@ -356,6 +373,7 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
             continue
         g = ids[k]
         row = entry_grads[slots[k]]
+        row[FEATURE_START:] = 0.0  # the table is left uninitialised: each row is only ever this job's
         mx, my, a, b, cc, opacity, sigma_cut, decay = _gaussian(means2d, conics, opacities, c, g)
         bx0, bx1, by0, by1 = _clip_box(boxes[c, g], x0, y0, tile_w, tile_h)
         mean_x_grad = mean_y_grad = a_grad = b_grad = c_grad = opacity_grad = 0.0
@@ -410,31 +428,37 @@ def _backward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x,
 
 @jit
 def _entry_slots(contributed):
-    """Each contributing list entry's row in the table of entry gradients (entry k: slots[k]), and the rows."""
+    """Each contributing list entry's row in the table of entry gradients (entry k: slots[k]), and
+    each row's entry, in list order."""
     slots = np.empty(len(contributed), np.int64)
+    row_entries = np.empty(len(contributed), np.int64)
     n_rows = 0
     for k in range(len(contributed)):
         slots[k] = n_rows
+        row_entries[n_rows] = k
         n_rows += contributed[k]
-    return slots, n_rows
+    return slots, row_entries[:n_rows]
 
 
 @jit
-def _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, grad_means2d, grad_conics, grad_features,
+def _sum_entries(entry_grads, row_entries, starts, ids, n_tiles, grad_means2d, grad_conics, grad_features,
                  grad_opacities):
-    """Per-Gaussian gradients, added into the four (zeroed) arrays: the sums of their contributing list entries."""
+    """Per-Gaussian gradients, added into the four (zeroed) arrays: the sums of their contributing list
+    entries' rows, in list order. Only the rows are visited (a tenth of a 50k head's entries)."""
     n_cameras = (len(starts) - 1) // n_tiles
+    r = 0
     for c in range(n_cameras):
-        for k in range(starts[c * n_tiles], starts[(c + 1) * n_tiles]):  # camera c's tile lists
-            if contributed[k]:
-                row, g = entry_grads[slots[k]], ids[k]
-                for j in range(2):
-                    grad_means2d[c, g, j] += row[MEAN_COL + j]
-                for j in range(3):
-                    grad_conics[c, g, j] += row[CONIC_COL + j]
-                grad_opacities[c, g] += row[OPACITY_COL]
-                for d in range(grad_features.shape[2]):
-                    grad_features[c, g, d] += row[FEATURE_START + d]
+        camera_end = starts[(c + 1) * n_tiles]  # camera c's tile lists end here
+        while r < len(row_entries) and row_entries[r] < camera_end:
+            g = ids[row_entries[r]]
+            for j in range(2):
+                grad_means2d[c, g, j] += entry_grads[r, MEAN_COL + j]
+            for j in range(3):
+                grad_conics[c, g, j] += entry_grads[r, CONIC_COL + j]
+            grad_opacities[c, g] += entry_grads[r, OPACITY_COL]
+            for d in range(grad_features.shape[2]):
+                grad_features[c, g, d] += entry_grads[r, FEATURE_START + d]
+            r += 1
 
 
 def _balanced_schedule(costs: np.ndarray) -> np.ndarray:
@@ -446,19 +470,58 @@ def _balanced_schedule(costs: np.ndarray) -> np.ndarray:
     return np.concatenate([by_cost[t::n_threads] for t in range(n_threads)]).astype(np.int64)
 
 
+RADIX_BITS = 11  # three passes over 32-bit keys; 2048 counts stay in L1
+
+
+@jit
+def _radix_order(keys, order, scratch):
+    """Stable LSD radix sort of uint32 ``keys``: their indices in ascending key order, equal keys by
+    index, written to ``order``. A pass whose digit is the same for every key (the top bits of
+    depths in a narrow range) moves nothing and is skipped."""
+    n = len(keys)
+    n_buckets = 1 << RADIX_BITS
+    for i in range(n):
+        order[i] = i
+    for shift in range(0, 32, RADIX_BITS):
+        starts = np.zeros(n_buckets + 1, np.int64)
+        for i in range(n):
+            starts[((keys[i] >> shift) & (n_buckets - 1)) + 1] += 1
+        if starts.max() == n:
+            continue
+        for b in range(n_buckets):
+            starts[b + 1] += starts[b]
+        for i in range(n):
+            k = order[i]
+            b = (keys[k] >> shift) & (n_buckets - 1)
+            scratch[starts[b]] = k
+            starts[b] += 1
+        order[:] = scratch
+
+
+@jit_parallel
+def _radix_orders(keys):
+    n_cameras, n = keys.shape
+    order = np.empty((n_cameras, n), np.int64)
+    for c in numba.prange(n_cameras):
+        _radix_order(keys[c], order[c], np.empty(n, np.int64))
+    return order
+
+
 def depth_order(depths: torch.Tensor) -> np.ndarray:
     """Per camera, the Gaussians front to back, equal depths by index (a stable sort of (C, N) depths).
 
-    float32 depths sort as int64 keys (the depth's bits, then the index): positive floats order
-    as their bit patterns, the index makes every key unique, and numpy's vectorised sort of
-    integers is about 8x faster than a stable argsort. Depths below zero (culled Gaussians,
-    listed in no tile) may come out in any order. Other dtypes take a stable argsort.
+    float32 depths sort by a radix sort of their bits (``_radix_order``, 0.3 ms for 50k against
+    1.7 ms for numpy's sort of packed 64-bit keys), mapped so that the unsigned keys order as the
+    floats: positive floats order as their bit patterns, negative ones with their magnitude bits
+    flipped, and -0.0 is made +0.0 first so that it ties with 0.0 by index. Other dtypes take a
+    stable argsort.
     """
     values = numpy_of(depths)
     if values.dtype != np.float32:
         return np.argsort(values, axis=-1, kind="stable")
-    keys = (values.view(np.int32).astype(np.int64) << 32) | np.arange(values.shape[-1], dtype=np.int64)
-    return np.sort(keys, axis=-1) & 0xFFFFFFFF
+    bits = (values + np.float32(0.0)).view(np.int32)
+    keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(np.uint32) ^ np.uint32(0x80000000)
+    return _radix_orders(keys)
 
 
 class _RasterizeToPixels(torch.autograd.Function):
@@ -494,14 +557,14 @@ class _RasterizeToPixels(torch.autograd.Function):
         means2d, conics, features, opacities = ctx.saved_tensors
         boxes, starts, ids, tiles_x, n_tiles, pair_counts, final_T, last_entry, contributed = ctx.tiles
         # one gradient row per contributing entry (most entries lie behind an early stop)
-        slots, n_rows = _entry_slots(contributed)
-        entry_grads = np.zeros((n_rows, FEATURE_START + features.shape[-1]))
+        slots, row_entries = _entry_slots(contributed)
+        entry_grads = np.empty((len(row_entries), FEATURE_START + features.shape[-1]))
         inputs = [numpy_of(t) for t in (means2d, conics, features, opacities)] + [boxes]
         _backward(*inputs, starts, ids, tiles_x, n_tiles, _balanced_schedule(pair_counts), final_T, last_entry,
                   contributed, slots, numpy_of(grad_image), numpy_of(grad_alpha), entry_grads)
         # in the caller's dtype, contiguous for the kernels upstream
         grads = [np.zeros_like(array) for array in inputs[:4]]
-        _sum_entries(entry_grads, contributed, slots, starts, ids, n_tiles, *grads)
+        _sum_entries(entry_grads, row_entries, starts, ids, n_tiles, *grads)
         return (*(torch.from_numpy(g) for g in grads), None, None, None, None)
 
 
@@ -510,11 +573,14 @@ def rasterize_to_pixels(means2d: torch.Tensor, conics: torch.Tensor, features: t
                         ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Composite C cameras' projected Gaussians, differentiably (w.r.t. means2d, conics, features, opacities).
 
-    means2d (C, N, 2), conics (C, N, 3), features (C, N, D), opacities (C, N) (compensated),
-    depths (C, N), radii (C, N, 2) (0 = culled); all float tensors of one dtype on the CPU.
-    Returns image (C, H, W, D), alpha (C, H, W, 1) and the number of composited (pixel,
-    Gaussian) pairs.
+    means2d (C, N, 2), conics (C, N, 3), features (C, N, D) with D <= 4 (colour, and depth),
+    opacities (C, N) (compensated), depths (C, N), radii (C, N, 2) (0 = culled); all float
+    tensors of one dtype on the CPU. Returns image (C, H, W, D), alpha (C, H, W, 1) and the
+    number of composited (pixel, Gaussian) pairs.
     """
+    if not 1 <= features.shape[-1] <= MAX_FEATURES:
+        raise ValueError(f"the numba backend composites 1 to {MAX_FEATURES} channels (colour and depth), "
+                         f"got {features.shape[-1]}; use backend='torch' for more")
     order = torch.from_numpy(depth_order(depths))
     image, alpha, n_pairs = _RasterizeToPixels.apply(means2d, conics, features, opacities, radii, order, width, height)
     return image, alpha, int(n_pairs)
