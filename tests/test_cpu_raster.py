@@ -230,12 +230,16 @@ def test_gradients_match_finite_differences():
 
 
 def test_depth_order_is_a_stable_sort():
-    """The packed-key sort of float32 depths equals a stable argsort, ties by index; float64 too."""
+    """The radix sort of float32 depths equals a stable argsort, ties by index, negative depths,
+    -0.0 and infinities included; float64 too."""
     from gstalker_core.render.cpu_tiles import depth_order
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float64):
-        depths = (torch.rand(3, 5000, generator=g, dtype=dtype) * 50).round() / 10 + 0.01  # many equal depths
+        depths = (torch.rand(3, 5000, generator=g, dtype=dtype) * 50).round() / 10 - 1.0  # many equal depths
+        depths[0, :20] = -0.0
+        depths[0, 20:40] = 0.0
+        depths[1, :2] = torch.tensor([float("inf"), -float("inf")], dtype=dtype)
         assert torch.equal(torch.from_numpy(depth_order(depths)), torch.argsort(depths, dim=-1, stable=True))
 
 
