@@ -354,7 +354,7 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
     # the tile's per-pixel state, copied once into compact local arrays
     T = np.empty((tile_h, tile_w))
     last = np.empty((tile_h, tile_w), np.int64)
-    grad = np.empty((tile_h, tile_w, n_features))
+    grad = np.zeros((tile_h, tile_w, MAX_FEATURES))
     alpha_img_grad = np.empty((tile_h, tile_w))  # alpha image = 1 - T_end: d/d alpha_k = grad T_end / (1 - alpha_k)
     behind = np.zeros((tile_h, tile_w))  # per pixel: sum over the contributors behind of weight (grad . feature)
     for y in range(tile_h):
@@ -372,11 +372,11 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
         if not contributed[k]:  # behind the stop or faint on all this tile's pixels
             continue
         g = ids[k]
-        row = entry_grads[slots[k]]
-        row[FEATURE_START:] = 0.0  # the table is left uninitialised: each row is only ever this job's
         mx, my, a, b, cc, opacity, sigma_cut, decay = _gaussian(means2d, conics, opacities, c, g)
+        f0, f1, f2, f3 = _feature_vector(features, c, g)
         bx0, bx1, by0, by1 = _clip_box(boxes[c, g], x0, y0, tile_w, tile_h)
         mean_x_grad = mean_y_grad = a_grad = b_grad = c_grad = opacity_grad = 0.0
+        f0_grad = f1_grad = f2_grad = f3_grad = 0.0  # in registers: the row is written once, below
         for y in range(by0, by1):
             _wake(last, by_last, woken, live_from, live_to, y, k)
             x_from, x_to = max(bx0, live_from[y]), min(bx1, live_to[y])
@@ -395,10 +395,12 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
                     continue
                 T[y, x] /= 1.0 - alpha  # the transmittance in front of this Gaussian
                 weight = alpha * T[y, x]
-                grad_dot_feature = 0.0
-                for d in range(n_features):
-                    grad_dot_feature += grad[y, x, d] * features[c, g, d]
-                    row[FEATURE_START + d] += weight * grad[y, x, d]
+                g0, g1, g2, g3 = grad[y, x, 0], grad[y, x, 1], grad[y, x, 2], grad[y, x, 3]
+                grad_dot_feature = g0 * f0 + g1 * f1 + g2 * f2 + g3 * f3
+                f0_grad += weight * g0
+                f1_grad += weight * g1
+                f2_grad += weight * g2
+                f3_grad += weight * g3
                 grad_a = T[y, x] * grad_dot_feature + (alpha_img_grad[y, x] - behind[y, x]) / (1.0 - alpha)
                 behind[y, x] += weight * grad_dot_feature
                 if opacity * here > MAX_ALPHA:  # alpha clamped at 0.999: flat in opacity and sigma
@@ -410,9 +412,12 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
                 b_grad += grad_sigma * here_dx * dy
                 c_grad += grad_sigma * 0.5 * dy * dy
                 opacity_grad += grad_a * here
+        row = entry_grads[slots[k]]
         row[MEAN_COL], row[MEAN_COL + 1] = mean_x_grad, mean_y_grad
         row[CONIC_COL], row[CONIC_COL + 1], row[CONIC_COL + 2] = a_grad, b_grad, c_grad
         row[OPACITY_COL] = opacity_grad
+        row[FEATURE_START], row[FEATURE_START + 1] = f0_grad, f1_grad
+        row[FEATURE_START + 2], row[FEATURE_START + 3] = f2_grad, f3_grad
 
 
 @jit_parallel
@@ -558,7 +563,7 @@ class _RasterizeToPixels(torch.autograd.Function):
         boxes, starts, ids, tiles_x, n_tiles, pair_counts, final_T, last_entry, contributed = ctx.tiles
         # one gradient row per contributing entry (most entries lie behind an early stop)
         slots, row_entries = _entry_slots(contributed)
-        entry_grads = np.empty((len(row_entries), FEATURE_START + features.shape[-1]))
+        entry_grads = np.empty((len(row_entries), FEATURE_START + MAX_FEATURES))
         inputs = [numpy_of(t) for t in (means2d, conics, features, opacities)] + [boxes]
         _backward(*inputs, starts, ids, tiles_x, n_tiles, _balanced_schedule(pair_counts), final_T, last_entry,
                   contributed, slots, numpy_of(grad_image), numpy_of(grad_alpha), entry_grads)
