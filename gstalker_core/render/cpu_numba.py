@@ -25,7 +25,7 @@ jit = numba.njit(cache=True, fastmath=FASTMATH)
 # return tuples into a parfor body trips numba's parfor analysis, so only those two bodies use it.
 jit_inline = numba.njit(cache=True, fastmath=FASTMATH, inline="always")
 # numba's parfor passes are slow on large loop bodies: only the outer loops are parallel, and
-# their bodies are separate serial functions, which keeps the cold compile short
+# their bodies are separate serial functions (but for the two above), which keeps the cold compile short
 jit_parallel = numba.njit(cache=True, parallel=True, fastmath=FASTMATH)
 
 

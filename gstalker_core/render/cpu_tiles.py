@@ -54,7 +54,8 @@ from .rasterize import ALPHA_THRESHOLD, MAX_ALPHA, MIN_TRANSMITTANCE
 
 TILE = 16
 MAX_FEATURES = 4  # colour, and the depth of the depth render modes
-# where a list entry's gradient row keeps d mean2d (x, y), d conic (a, b, c), d opacity and d features (D)
+# where a list entry's gradient row keeps d mean2d (x, y), d conic (a, b, c), d opacity and d features
+# (MAX_FEATURES columns, those past the features' D zero)
 MEAN_COL, CONIC_COL, OPACITY_COL, FEATURE_START = 0, 2, 5, 6
 
 
@@ -423,7 +424,7 @@ def _backward_tile(job, means2d, conics, features, opacities, boxes, starts, ids
 @jit_parallel
 def _backward(means2d, conics, features, opacities, boxes, starts, ids, tiles_x, n_tiles, schedule,
               final_T, last_entry, contributed, slots, grad_image, grad_alpha, entry_grads):
-    """Loss gradients of the contributing list entries into ``entry_grads`` (n_contributing, 6 + D):
+    """Loss gradients of the contributing list entries into ``entry_grads`` (n_contributing, 6 + MAX_FEATURES):
     d mean2d (x, y), d conic (a, b, c), d opacity, d features. Each job writes only the rows of its
     own tile list. Jobs run in ``schedule``'s order."""
     for i in numba.prange(len(schedule)):
@@ -518,7 +519,8 @@ def depth_order(depths: torch.Tensor) -> np.ndarray:
     float32 depths sort by a radix sort of their bits (``_radix_order``, 0.3 ms for 50k against
     1.7 ms for numpy's sort of packed 64-bit keys), mapped so that the unsigned keys order as the
     floats: positive floats order as their bit patterns, negative ones with their magnitude bits
-    flipped, and -0.0 is made +0.0 first so that it ties with 0.0 by index. Other dtypes take a
+    flipped, and -0.0 is made +0.0 first so that it ties with 0.0 by index. NaN depths (culled,
+    listed in no tile) may come out anywhere, unlike an argsort's last. Other dtypes take a
     stable argsort.
     """
     values = numpy_of(depths)

@@ -311,7 +311,9 @@ def rasterization(means: torch.Tensor, quats: torch.Tensor, scales: torch.Tensor
     (N,) in [0, 1]; colors (N, D) or SH coefficients (N, K, 3) with ``sh_degree``; viewmats
     (C, 4, 4) world-to-camera; Ks (C, 3, 3); backgrounds (C, D) optional. Per-camera Gaussians:
     every per-Gaussian tensor with a leading C (means (C, N, 3), ..., colors (C, N, K, 3)).
-    ``backend="auto"``: gsplat on CUDA tensors when installed, numba on the CPU.
+    ``backend="auto"``: gsplat on CUDA tensors when installed, numba on the CPU. The numba
+    backend composites at most 4 channels (D plus the depth channel of the depth modes) and
+    refuses more with a ValueError; ``backend="torch"`` takes any D.
     Returns render_colors (C, H, W, D[+1 depth]), render_alphas (C, H, W, 1) and meta. In the
     meta: ``means2d`` keeps its gradient (read it with ``means2d_grads``, for densification),
     ``radii`` (C, N, 2), 0 where culled.
